@@ -1,0 +1,203 @@
+"""Settings: loaded once, at start-up, from one YAML file.
+
+``load(path)`` is the only way in. It reads a ``.env`` beside the file (real environment
+variables win), parses YAML, interpolates ``${VAR}`` and ``${VAR:-default}`` inside string values
+(after parsing, so a variable can never inject YAML structure), validates with models that reject
+unknown keys, and returns a frozen :class:`Settings`. Every problem names its key path, for
+example ``models[2].backend.urls: field required``. Nothing here runs during a request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fleetgate.errors import ConfigError
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    public_models_list: bool = True
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    upstream_read_timeout_s: float = Field(600.0, gt=0)
+    upstream_max_connections: int = Field(1000, ge=1)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+
+class AuthSettings(_Model):
+    mode: Literal["keys", "static", "none"] = "keys"
+    tokens: tuple[str, ...] = ()
+    cache_ttl_s: float = Field(300.0, gt=0)
+    revocation_poll_s: float = Field(1.0, gt=0)
+    negative_cache_size: int = Field(10000, ge=0)
+
+    @model_validator(mode="after")
+    def _tokens_fit_mode(self) -> AuthSettings:
+        if self.mode == "static":
+            if not self.tokens:
+                raise ValueError("auth.mode 'static' needs at least one token in auth.tokens")
+            for tok in self.tokens:
+                if len(tok) < 16:
+                    raise ValueError("every static token must be at least 16 characters")
+        elif self.tokens:
+            raise ValueError(f"auth.tokens is only used with mode 'static', not '{self.mode}'")
+        return self
+
+
+class StoreSettings(_Model):
+    url: str = "sqlite:///./fleetgate.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:", "postgresql:", "postgresql+")):
+            raise ValueError("store.url must be a sqlite:/// or postgresql:// URL")
+        return v
+
+
+class StaticBackend(_Model):
+    type: Literal["static"]
+    urls: tuple[str, ...] = Field(min_length=1)
+    health_path: str = "/health"
+    health_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for u in v:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"backend URL must start with http:// or https://: {u!r}")
+            out.append(u.rstrip("/"))
+        return tuple(out)
+
+
+Backend = Annotated[StaticBackend, Field(discriminator="type")]
+
+
+class ModelSettings(_Model):
+    name: str = Field(min_length=1, max_length=200)
+    served_name: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
+    label: str | None = None
+    backend: Backend
+
+    @property
+    def upstream_name(self) -> str:
+        return self.served_name or self.name
+
+
+class Settings(_Model):
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    store: StoreSettings = StoreSettings()
+    models: tuple[ModelSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Settings:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears twice")
+            seen.add(m.name)
+        return self
+
+    def model(self, name: str) -> ModelSettings | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+def interpolate(value: Any, env: Mapping[str, str], where: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string inside ``value``."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError([f"{where or '<root>'}: environment variable {name} is not set"])
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    return value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("static",) and out.endswith("backend"):
+            continue  # pydantic's discriminator tag, not a key the user wrote
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def _describe(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] == "missing":
+            msg = "field required"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append(f"{_loc(tuple(e['loc']))}: {msg}")
+    return problems
+
+
+def parse(data: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Validate an already-parsed document (used by ``load`` and by tests)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["<root>: the config must be a mapping of keys"])
+    data = interpolate(data, os.environ if env is None else env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read config: {e.strerror}"], str(p)) from None
+    env: dict[str, str] = {
+        k: v for k, v in dotenv_values(p.parent / ".env").items() if v is not None
+    }
+    env.update(os.environ)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"invalid YAML: {e}"], str(p)) from None
+    try:
+        return parse(data, env)
+    except ConfigError as e:
+        raise ConfigError(e.problems, str(p)) from None
