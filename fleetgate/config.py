@@ -13,13 +13,14 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleetgate.errors import ConfigError
+from fleetgate.fleet.spec import Backend
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -68,26 +69,6 @@ class StoreSettings(_Model):
         if not v.startswith(("sqlite:", "postgresql:", "postgresql+")):
             raise ValueError("store.url must be a sqlite:/// or postgresql:// URL")
         return v
-
-
-class StaticBackend(_Model):
-    type: Literal["static"]
-    urls: tuple[str, ...] = Field(min_length=1)
-    health_path: str = "/health"
-    health_interval_s: float = Field(5.0, gt=0)
-
-    @field_validator("urls")
-    @classmethod
-    def _http_urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        out = []
-        for u in v:
-            if not u.startswith(("http://", "https://")):
-                raise ValueError(f"backend URL must start with http:// or https://: {u!r}")
-            out.append(u.rstrip("/"))
-        return tuple(out)
-
-
-Backend = Annotated[StaticBackend, Field(discriminator="type")]
 
 
 class ModelSettings(_Model):
