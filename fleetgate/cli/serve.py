@@ -1,0 +1,211 @@
+"""``fleetgate serve``, ``fleetgate check-config`` and ``fleetgate demo``."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+
+from fleetgate import config as config_mod
+from fleetgate.errors import ConfigError
+
+
+def load_or_exit(path: str) -> config_mod.Settings:
+    try:
+        return config_mod.load(path)
+    except ConfigError as e:
+        where = f"{e.path}: " if e.path else ""
+        lines = "\n".join(f"  - {p}" for p in e.problems)
+        raise click.ClickException(f"invalid config {where}\n{lines}") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(settings: config_mod.Settings, host: str, port: int, *, access_log: bool) -> None:
+    import uvicorn
+
+    from fleetgate.app import create_app
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=access_log,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
+        log_level="info",
+    )
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The YAML config file.",
+)
+@click.option("--host", default=None, help="Bind address (default: server.host, 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port (default: server.port, 8000).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind with auth.mode 'none'.")
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log one line per request (paths and statuses, never keys).",
+)
+def serve(
+    config_path: str, host: str | None, port: int | None, insecure: bool, access_log: bool
+) -> None:
+    """Run the gateway.
+
+    \b
+    Examples:
+      fleetgate serve --config examples/static.yaml
+      fleetgate serve --config fleet.yaml --host 0.0.0.0 --port 8080
+    """
+    settings = load_or_exit(config_path)
+    host = host or settings.server.host
+    port = settings.server.port if port is None else port
+    if settings.auth.mode == "none" and not is_loopback(host) and not insecure:
+        raise click.ClickException(
+            f"refusing to bind {host} with auth.mode 'none': anyone who can reach it would "
+            "reach your GPUs. Bind 127.0.0.1, turn auth on, or pass --insecure."
+        )
+    run_server(settings, host, port, access_log=access_log)
+
+
+@click.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a config file and print a summary; exit 1 with every problem if it's bad.
+
+    \b
+    Example:
+      fleetgate check-config examples/static.yaml
+    """
+    s = load_or_exit(path)
+    click.echo(f"ok: {path}")
+    click.echo(f"  auth: {s.auth.mode}; store: {_safe_url(s.store.url)}")
+    for m in s.models:
+        click.echo(f"  model {m.name}: backend {m.backend.type}")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@click.command()
+@click.option("--port", default=8000, show_default=True, help="Gateway port.")
+@click.option("--sim-port", default=8001, show_default=True, help="Simulator port.")
+@click.option(
+    "--dir",
+    "state_dir",
+    default=".fleetgate-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the demo's SQLite file lives.",
+)
+def demo(port: int, sim_port: int, state_dir: str) -> None:
+    """Run a self-contained demo: the simulator as model 'demo', the gateway, and a new key.
+
+    The 'demo' model is FleetGate's engine simulator, not a language model: it answers with
+    placeholder tokens at a realistic pace. Stop with Ctrl-C.
+
+    \b
+    Example:
+      fleetgate demo && curl -H "Authorization: Bearer $KEY" localhost:8000/v1/models
+    """
+    from fleetgate.cli.keys import create_key
+
+    d = Path(state_dir).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    settings = config_mod.parse(
+        {
+            "server": {"host": "127.0.0.1", "port": port},
+            "auth": {"mode": "keys"},
+            "store": {"url": f"sqlite:///{d / 'fleetgate.db'}"},
+            "models": [
+                {
+                    "name": "demo",
+                    "label": "SIMULATOR - FleetGate's engine simulator, not a real model",
+                    "backend": {"type": "static", "urls": [f"http://127.0.0.1:{sim_port}"]},
+                }
+            ],
+        }
+    )
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fleetgate.cli.main import main; main()",
+            "sim",
+            "--port",
+            str(sim_port),
+            "--model",
+            "demo",
+            "--ttft-ms",
+            "150",
+            "--tokens-per-s",
+            "40",
+        ],
+        start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{sim_port}/health", 30, sim)
+        key = create_key(settings, name="demo", models=["demo"], expires=None)
+        click.echo(
+            "\nFleetGate demo. The model 'demo' is the engine SIMULATOR, not a real model.\n"
+            f"  URL: http://127.0.0.1:{port}/v1\n"
+            f"  Try: curl http://127.0.0.1:{port}/v1/chat/completions "
+            '-H "Authorization: Bearer $KEY" -H "Content-Type: application/json" '
+            '-d \'{"model":"demo","messages":[{"role":"user","content":"hi"}]}\'\n'
+            "  Your key (shown once) is on the next line:"
+        )
+        click.echo(key)
+        run_server(settings, "127.0.0.1", port, access_log=False)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sim.pid, signal.SIGTERM)
+        sim.wait(timeout=10)
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"the simulator exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise click.ClickException(f"{url} did not come up within {timeout_s:.0f} s")

@@ -1,0 +1,172 @@
+"""Queries. Every function takes an Engine and blocks: call them from a thread on the server.
+
+This is the only module that writes SQL for keys and usage; the CLI and the server share it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func, insert, select, update
+
+from fleetgate.store.tables import api_keys, usage_events
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: int
+    name: str
+    prefix: str
+    digest: str
+    models: tuple[str, ...] | None
+    admin: bool
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+
+def _record(row: object) -> KeyRecord:
+    m = row._mapping  # type: ignore[attr-defined]
+    models = m["models"]
+    return KeyRecord(
+        id=m["id"],
+        name=m["name"],
+        prefix=m["prefix"],
+        digest=m["digest"],
+        models=tuple(models) if models is not None else None,
+        admin=bool(m["admin"]),
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        revoked_at=m["revoked_at"],
+        last_used_at=m["last_used_at"],
+    )
+
+
+def insert_key(
+    engine: Engine,
+    *,
+    name: str,
+    prefix: str,
+    digest: str,
+    models: Sequence[str] | None,
+    expires_at: dt.datetime | None,
+    admin: bool = False,
+) -> KeyRecord:
+    now = utcnow()
+    with engine.begin() as conn:
+        res = conn.execute(
+            insert(api_keys).values(
+                name=name,
+                prefix=prefix,
+                digest=digest,
+                models=list(models) if models is not None else None,
+                admin=admin,
+                created_at=now,
+                expires_at=expires_at,
+                updated_at=now,
+            )
+        )
+        key_id = res.inserted_primary_key[0]  # type: ignore[index]
+        row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one()
+    return _record(row)
+
+
+def list_keys(engine: Engine) -> list[KeyRecord]:
+    with engine.connect() as conn:
+        return [_record(r) for r in conn.execute(select(api_keys).order_by(api_keys.c.id))]
+
+
+def get_key_by_digest(engine: Engine, digest: str) -> KeyRecord | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(api_keys).where(api_keys.c.digest == digest)).first()
+    return _record(row) if row is not None else None
+
+
+def revoke_key(engine: Engine, key_id: int) -> bool:
+    """Revoke; returns False when no such key exists. Revoking twice is harmless."""
+    now = utcnow()
+    with engine.begin() as conn:
+        exists = conn.execute(select(api_keys.c.id).where(api_keys.c.id == key_id)).first()
+        if exists is None:
+            return False
+        conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=now, updated_at=now)
+        )
+    return True
+
+
+def digests_changed_since(engine: Engine, since: dt.datetime) -> list[str]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(select(api_keys.c.digest).where(api_keys.c.updated_at >= since)).scalars()
+        )
+
+
+def touch_last_used(engine: Engine, last_used: dict[int, dt.datetime]) -> None:
+    if not last_used:
+        return
+    with engine.begin() as conn:
+        for key_id, when in last_used.items():
+            # last_used_at deliberately doesn't bump updated_at: it isn't a change to the key.
+            conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    key_id: int | None
+    model: str
+    endpoint: str
+    status: int
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int
+    created_at: dt.datetime
+
+
+def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
+    rows = [
+        {
+            "key_id": e.key_id,
+            "model": e.model,
+            "endpoint": e.endpoint,
+            "status": e.status,
+            "stream": e.stream,
+            "prompt_tokens": e.prompt_tokens,
+            "completion_tokens": e.completion_tokens,
+            "latency_ms": e.latency_ms,
+            "created_at": e.created_at,
+        }
+        for e in events
+    ]
+    if not rows:
+        return 0
+    with engine.begin() as conn:
+        conn.execute(insert(usage_events), rows)
+    return len(rows)
+
+
+def usage_totals(engine: Engine) -> list[dict[str, object]]:
+    """Per key and model: requests and tokens. Used by tests and the CLI."""
+    q = (
+        select(
+            usage_events.c.key_id,
+            usage_events.c.model,
+            func.count().label("requests"),
+            func.coalesce(func.sum(usage_events.c.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(usage_events.c.completion_tokens), 0).label("completion_tokens"),
+        )
+        .group_by(usage_events.c.key_id, usage_events.c.model)
+        .order_by(usage_events.c.key_id, usage_events.c.model)
+    )
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]

@@ -1,0 +1,73 @@
+"""The usage writer: the request path appends events in memory; this drains them in batches.
+
+``record()`` is O(1) and never blocks. ``run()`` is a control-plane task that writes a batch
+every ``interval_s`` from a worker thread. If the store is down the batch is kept and retried;
+beyond ``max_pending`` events the oldest are dropped and counted (memory must stay bounded).
+``flush()`` writes what is left, at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from sqlalchemy import Engine
+
+from fleetgate.store import repo
+
+log = logging.getLogger("fleetgate.usage")
+
+
+class UsageWriter:
+    def __init__(self, engine: Engine, *, interval_s: float = 1.0, max_pending: int = 1_000_000):
+        self.engine = engine
+        self.interval_s = interval_s
+        self._pending: deque[repo.UsageEvent] = deque(maxlen=max_pending)
+        self.dropped = 0
+        self.written = 0
+
+    def record(self, event: repo.UsageEvent) -> None:
+        if len(self._pending) == self._pending.maxlen:
+            self.dropped += 1
+        self._pending.append(event)
+
+    async def write_batch(self) -> int:
+        if not self._pending:
+            return 0
+        batch = list(self._pending)
+        self._pending.clear()
+        try:
+            n = await asyncio.to_thread(repo.insert_usage, self.engine, batch)
+        except BaseException:
+            self._pending.extendleft(reversed(batch))
+            raise
+        self.written += n
+        return n
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.write_batch()
+                failures = 0
+            except Exception as e:
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.warning(
+                        "usage write failed (%d in a row, %d pending): %s",
+                        failures,
+                        len(self._pending),
+                        type(e).__name__,
+                    )
+
+    async def flush(self) -> None:
+        try:
+            await self.write_batch()
+        except Exception as e:
+            log.error(
+                "usage flush at shutdown failed, %d events lost: %s",
+                len(self._pending),
+                type(e).__name__,
+            )
