@@ -1,0 +1,93 @@
+"""Process helpers shared by the test tiers: free ports, waiting for HTTP, clean shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+FLEETGATE = [sys.executable, "-c", "from fleetgate.cli.main import main; main()"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def sim(model: str = "sim", *args: str, port: int | None = None) -> Iterator[str]:
+    """A `fleetgate sim` process; yields its base URL."""
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [*FLEETGATE, "sim", "--port", str(port), "--model", model, *args],
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 30, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def gateway(config: Path, port: int) -> Iterator[str]:
+    """A `fleetgate serve` process; yields its base URL."""
+    log = open(config.parent / f"gateway-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*FLEETGATE, "serve", "--config", str(config), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", 30, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+def create_key(config: Path, name: str, *extra: str) -> str:
+    out = subprocess.run(
+        [*FLEETGATE, "keys", "create", "--config", str(config), "--name", name, *extra],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
