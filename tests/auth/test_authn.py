@@ -1,0 +1,108 @@
+"""The authenticator: modes, caching, and failing closed when the store can't be read."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from fleetgate import config
+from fleetgate.auth import keys
+from fleetgate.auth.authn import Authenticator
+from fleetgate.errors import AuthError, StoreUnavailable
+from fleetgate.store import repo
+from fleetgate.store.db import migrate, open_engine
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    e = open_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    migrate(e)
+    return e
+
+
+def add_key(engine, **kw) -> str:
+    k = keys.generate()
+    repo.insert_key(engine, name=kw.get("name", "k"), prefix=keys.display_prefix(k),
+                    digest=keys.digest(k), models=kw.get("models"), expires_at=None)
+    return k
+
+
+def auth(mode="keys", **kw) -> config.AuthSettings:
+    return config.AuthSettings(mode=mode, **kw)
+
+
+async def test_static_mode_accepts_only_listed_tokens():
+    a = Authenticator(auth("static", tokens=("t" * 20, "u" * 20)), None)
+    assert (await a.authenticate(b"Bearer " + b"u" * 20)).name == "static-token"
+    with pytest.raises(AuthError):
+        await a.authenticate(b"Bearer " + b"v" * 20)
+    with pytest.raises(AuthError):
+        await a.authenticate(None)
+
+
+async def test_none_mode_lets_everyone_in_as_anonymous():
+    a = Authenticator(auth("none"), None)
+    p = await a.authenticate(None)
+    assert p.name == "anonymous" and p.allows("anything")
+
+
+async def test_keys_mode_caches_after_first_lookup(engine, monkeypatch):
+    k = add_key(engine, models=["a"])
+    a = Authenticator(auth(), engine)
+    p = await a.authenticate(f"Bearer {k}".encode())
+    assert p.allows("a") and not p.allows("b")
+    calls = []
+    monkeypatch.setattr(repo, "get_key_by_digest", lambda *x: calls.append(x))
+    for _ in range(5):
+        await a.authenticate(f"Bearer {k}".encode())
+    assert calls == []
+
+
+async def test_unknown_keys_are_negatively_cached_and_bounded(engine, monkeypatch):
+    a = Authenticator(auth(negative_cache_size=3), engine)
+    bad = [keys.generate() for _ in range(5)]
+    for b in bad:
+        with pytest.raises(AuthError):
+            await a.authenticate(f"Bearer {b}".encode())
+    assert len(a._negative) == 3
+
+
+async def test_store_failure_on_lookup_fails_closed(engine):
+    k = add_key(engine)
+    a = Authenticator(auth(), engine)
+    with engine.begin() as c:
+        c.execute(text("DROP TABLE usage_events"))
+        c.execute(text("DROP TABLE api_keys"))
+    with pytest.raises(StoreUnavailable) as e:
+        await a.authenticate(f"Bearer {k}".encode())
+    assert e.value.status == 503 and "retry-after" in e.value.headers
+
+
+async def test_stale_store_refuses_even_cached_keys(engine):
+    k = add_key(engine)
+    a = Authenticator(auth(revocation_poll_s=0.05), engine)
+    await a.authenticate(f"Bearer {k}".encode())
+    with engine.begin() as c:
+        c.execute(text("DROP TABLE usage_events"))
+        c.execute(text("DROP TABLE api_keys"))
+    task = asyncio.create_task(a.run_refresher())
+    try:
+        a._stale_after = 0.3  # five missed polls in production; shortened here
+        await asyncio.sleep(0.6)
+        assert not a.store_readable()
+        with pytest.raises(StoreUnavailable):
+            await a.authenticate(f"Bearer {k}".encode())
+    finally:
+        task.cancel()
+
+
+async def test_last_used_is_written_by_the_poll_not_inline(engine):
+    k = add_key(engine)
+    a = Authenticator(auth(), engine)
+    await a.authenticate(f"Bearer {k}".encode())
+    assert repo.list_keys(engine)[0].last_used_at is None
+    await a.poll_once()
+    assert repo.list_keys(engine)[0].last_used_at is not None
