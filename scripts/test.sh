@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need, then runs them.
+# This is the README's test command, and what CI runs (.ci/run calls it).
+#
+#   bash scripts/test.sh                 # everything, the real-vLLM tier included
+#   bash scripts/test.sh tests/api -x    # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+echo "== installing FleetGate and its test dependencies"
+"$PY" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+echo "== installing vLLM (CPU build) for the real tier, in its own virtualenv"
+bash scripts/install-vllm.sh
+
+echo "== lint and types"
+"$PY" -m ruff check fleetgate tests
+"$PY" -m mypy fleetgate
+
+echo "== tests"
+set +e
+"$PY" -m pytest -p no:cacheprovider -q -rs "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure here" >&2
+    exit 1
+fi
+exit "$rc"
