@@ -2,13 +2,22 @@
 
 Imported by :mod:`fleetgate.config`, which owns loading and validation. These models reject
 unknown keys and are frozen, like every config model. Nothing here does I/O.
+
+Per model, ``fleetgate.config.ModelSettings`` carries ``backend`` (the :data:`Backend` union)
+and, as policy, ``scaling``, ``cold_start``, ``balancer`` and ``restart``. Fleet-wide knobs live
+in :class:`FleetSettings` (``Settings.fleet``). :func:`policy_of` reads a model's policy and
+falls back to defaults for any field the settings object doesn't carry, so the fleet works with
+settings built before those fields existed.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+import string
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SpecModel(BaseModel):
@@ -34,4 +43,217 @@ class StaticBackend(SpecModel):
         return tuple(out)
 
 
-Backend = Annotated[StaticBackend, Field(discriminator="type")]
+#: The slots a local command template (and its ``env`` values) may use.
+LOCAL_SLOTS = frozenset(
+    {"port", "host", "gpus", "model", "served_name", "model_path", "replica", "log_dir"}
+)
+
+
+def _template_slots(text: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"bad template {text!r}: {e}") from None
+
+
+class LocalBackend(SpecModel):
+    """Engine processes started on this host from a command template.
+
+    ``command`` is a list of arguments (or one string, split like a shell would, without a
+    shell). ``{port}`` is required; the launcher picks a free port per replica. ``gpus`` is the
+    pool of GPU ids this model may use; each replica gets ``gpus_per_replica`` of them, as
+    ``CUDA_VISIBLE_DEVICES`` and the ``{gpus}`` slot, and no GPU is given to two replicas at
+    once unless ``share_gpus`` is set.
+    """
+
+    type: Literal["local"]
+    command: tuple[str, ...] | str
+    model_path: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port_range: tuple[int, int] | None = None
+    gpus: tuple[str, ...] = ()
+    gpus_per_replica: int = Field(0, ge=0)
+    share_gpus: bool = False
+    log_dir: str = ".fleetgate/logs"
+    start_timeout_s: float = Field(600.0, gt=0)
+    stop_grace_s: float = Field(30.0, ge=0)
+    health_path: str = "/health"
+    models_path: str | None = "/v1/models"
+    health_interval_s: float = Field(2.0, gt=0)
+    keep_on_shutdown: bool = False
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_ids_as_text(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return tuple(str(g) for g in v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> LocalBackend:
+        parts = [self.command] if isinstance(self.command, str) else list(self.command)
+        if not parts or not any(p.strip() for p in parts):
+            raise ValueError("command must not be empty")
+        used: set[str] = set()
+        for p in [*parts, *self.env.values()]:
+            used |= _template_slots(p)
+        unknown = used - LOCAL_SLOTS
+        if unknown:
+            raise ValueError(
+                f"unknown template slot(s) {sorted(unknown)}; known: {sorted(LOCAL_SLOTS)}"
+            )
+        if "port" not in used:
+            raise ValueError("command must contain the {port} slot")
+        if "model_path" in used and self.model_path is None:
+            raise ValueError("command uses {model_path} but model_path is not set")
+        if self.gpus_per_replica > len(self.gpus):
+            raise ValueError(
+                f"gpus_per_replica is {self.gpus_per_replica} but only {len(self.gpus)} gpus are listed"
+            )
+        if len(set(self.gpus)) != len(self.gpus):
+            raise ValueError("gpus lists the same GPU twice")
+        if self.port_range is not None:
+            lo, hi = self.port_range
+            if not (1 <= lo <= hi <= 65535):
+                raise ValueError("port_range must be [low, high] with 1 <= low <= high <= 65535")
+        return self
+
+    def max_replicas_by_gpus(self) -> int | None:
+        """How many replicas the GPU list allows at once (None: no GPU limit)."""
+        if self.gpus_per_replica == 0 or self.share_gpus:
+            return None
+        return len(self.gpus) // self.gpus_per_replica
+
+
+Backend = Annotated[StaticBackend | LocalBackend, Field(discriminator="type")]
+
+
+class ScalingPolicy(SpecModel):
+    """How many replicas a model runs. Ignored for ``static`` (one replica per URL).
+
+    Scale up when in-flight plus queued requests per ready replica stay above
+    ``target_inflight`` for ``scale_up_window_s``. Scale down one replica at a time when the
+    load would fit in one replica fewer at ``scale_down_below`` of the target, for
+    ``scale_down_window_s``, and no sooner than ``scale_down_cooldown_s`` after the last change.
+    With ``min_replicas: 0``, ``idle_timeout_s`` without a request scales to zero.
+    """
+
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_inflight: float = Field(8.0, gt=0)
+    idle_timeout_s: float | None = Field(900.0, gt=0)
+    scale_up_window_s: float = Field(10.0, ge=0)
+    scale_down_window_s: float = Field(60.0, ge=0)
+    scale_down_cooldown_s: float = Field(120.0, ge=0)
+    scale_down_below: float = Field(0.5, gt=0, le=1)
+    drain_timeout_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingPolicy:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ColdStartPolicy(SpecModel):
+    """What a request gets when no replica is ready: 503 + Retry-After now, or a wait."""
+
+    mode: Literal["reject", "wait"] = "reject"
+    wait_timeout_s: float = Field(120.0, gt=0)
+    retry_after_s: int | None = Field(None, ge=1, le=3600)
+
+
+class BalancerPolicy(SpecModel):
+    """How a request picks among ready replicas.
+
+    ``prefix_affinity`` sends requests whose affinity key hashes the same to the same replica
+    (so the engine's prefix cache hits), unless that replica already holds more than
+    ``load_factor`` times the average load (consistent hashing with bounded loads).
+    """
+
+    strategy: Literal["least_outstanding", "prefix_affinity"] = "least_outstanding"
+    load_factor: float = Field(1.25, ge=1.0)
+
+
+class RestartPolicy(SpecModel):
+    """Replacing a replica that crashed, hung, or failed its health checks."""
+
+    max_restarts: int = Field(3, ge=0)
+    window_s: float = Field(600.0, gt=0)
+    backoff_initial_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    unhealthy_after: int = Field(2, ge=1)
+    failed_cooldown_s: float = Field(300.0, ge=0)
+
+
+class FleetSettings(SpecModel):
+    """Fleet-wide settings (``Settings.fleet``).
+
+    ``state_dir`` records the processes this gateway started, so a restarted gateway finds
+    them: ``on_leftover: adopt`` keeps those whose model and backend config are unchanged and
+    stops the rest; ``stop`` stops them all. ``readiness_interval_s`` is how often a starting
+    replica is probed: a replica is routable within about that long of its engine being ready.
+    ``up_access`` / ``down_access`` say who may warm a model up or stop it through the fleet
+    API: ``admin`` keys only, or also any key allowed to use that model (``model_users``).
+    """
+
+    state_dir: str = ".fleetgate/state"
+    on_leftover: Literal["adopt", "stop"] = "adopt"
+    readiness_interval_s: float = Field(0.25, gt=0, le=5)
+    probe_timeout_s: float = Field(2.0, gt=0)
+    control_interval_s: float = Field(1.0, gt=0, le=60)
+    up_access: Literal["admin", "model_users"] = "model_users"
+    down_access: Literal["admin", "model_users"] = "admin"
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    scaling: ScalingPolicy
+    cold_start: ColdStartPolicy
+    balancer: BalancerPolicy
+    restart: RestartPolicy
+
+
+def policy_of(model_settings: Any) -> ModelPolicy:
+    """The model's policy, with defaults for any part its settings don't carry.
+
+    A static backend always runs exactly one replica per URL, whatever ``scaling`` says.
+    """
+    scaling = getattr(model_settings, "scaling", None) or ScalingPolicy()
+    backend = model_settings.backend
+    if isinstance(backend, StaticBackend):
+        n = len(backend.urls)
+        scaling = scaling.model_copy(
+            update={"min_replicas": n, "max_replicas": n, "idle_timeout_s": None}
+        )
+    elif isinstance(backend, LocalBackend):
+        cap = backend.max_replicas_by_gpus()
+        if cap is not None and scaling.max_replicas > cap:
+            scaling = scaling.model_copy(
+                update={
+                    "max_replicas": max(cap, 1),
+                    "min_replicas": min(scaling.min_replicas, max(cap, 1)),
+                }
+            )
+    return ModelPolicy(
+        scaling=scaling,
+        cold_start=getattr(model_settings, "cold_start", None) or ColdStartPolicy(),
+        balancer=getattr(model_settings, "balancer", None) or BalancerPolicy(),
+        restart=getattr(model_settings, "restart", None) or RestartPolicy(),
+    )
+
+
+def fleet_of(settings: Any) -> FleetSettings:
+    return getattr(settings, "fleet", None) or FleetSettings()
+
+
+def retry_after_estimate(policy: ColdStartPolicy, remaining_s: float | None) -> int:
+    """Seconds to put in Retry-After for a model that is starting (pure)."""
+    if policy.retry_after_s is not None:
+        return policy.retry_after_s
+    if remaining_s is None:
+        return 5
+    return max(1, min(30, math.ceil(remaining_s)))
