@@ -1,0 +1,352 @@
+"""The benchmark run: start the upstreams and each path in turn, run the scenarios, report.
+
+Scenarios (the issue's numbering; bars in :mod:`bench.report`):
+
+1. throughput: ``wrk -t1 -c32 -d10s``, a small chat request, nginx upstream, every path;
+2. added latency: an open-loop generator at a fixed 1,000 req/s (:func:`bench.loadgen.open_loop`)
+   against direct, FleetGate and vllm-router (LiteLLM saturates near 200 req/s, so a fixed
+   1,000 req/s would only measure its queue);
+3. streaming: the simulator at 50 tokens/s with a 100 ms TTFT, 100 concurrent streams;
+4. 5,000 concurrent streams through one FleetGate process from a slow simulator;
+5. soak: 1,000,000 requests (wrk in 10 s slices), RSS at 100k and at the end;
+6. keys at scale: 100,000 keys in the store, a random valid key per request.
+
+One path runs at a time, each a fresh process, and every process is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen, paths, report, upstream, wrk
+from bench.procs import Procs, Sampler, free_port, raise_nofile, rss_bytes, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+PNG = ROOT / "docs" / "benchmarks.png"
+CHAT = "/v1/chat/completions"
+MB = 1024 * 1024
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="short runs for development: 3 s loads, 500 streams, 50k soak, 10k keys")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="scenarios to run, e.g. 1,2")
+    ap.add_argument("--paths", default=",".join(paths.ALL), help="paths for scenarios 1-3")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per wrk run (10)")
+    ap.add_argument("--soak-requests", type=int, default=None, help="scenario 5 count (1,000,000)")
+    ap.add_argument("--keys", type=int, default=None, help="scenario 6 key count (100,000)")
+    ap.add_argument("--streams", type=int, default=None, help="scenario 4 streams (5,000)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="scenario 2 rate, req/s")
+    ap.add_argument("--fleetgate-args", default="",
+                    help="extra `fleetgate serve` arguments, e.g. '--workers 2'")
+    ap.add_argument("--profile", action="store_true",
+                    help="record a py-spy flame graph of FleetGate during scenario 1")
+    ap.add_argument("--no-docs", action="store_true", help="don't rewrite docs/benchmarks.md")
+    ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.duration = a.duration or (3.0 if q else 10.0)
+    a.warmup = 1.0 if q else 2.0
+    a.rate_duration = 3.0 if q else 10.0
+    a.stream_duration = 3.0 if q else 10.0
+    a.soak_requests = a.soak_requests or (50_000 if q else 1_000_000)
+    a.soak_checkpoint = min(100_000, a.soak_requests // 10)
+    a.soak_slice = 2.0 if q else 10.0
+    a.keys = a.keys or (10_000 if q else 100_000)
+    a.streams = a.streams or (500 if q else 5_000)
+    a.scenarios = {int(s) for s in a.only.split(",") if s.strip()}
+    a.path_list = [p.strip() for p in a.paths.split(",") if p.strip()]
+    for p in a.path_list:
+        if p not in paths.ALL:
+            ap.error(f"unknown path {p!r}; known: {', '.join(paths.ALL)}")
+    return a
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines()
+                  if x.startswith("MemTotal"))
+
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return text[0] if text else "?"
+
+    git = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    return {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "git": git,
+        "wrk": version([shutil.which("wrk") or "wrk", "-v"]).split(" [")[0],
+        "nginx": version([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]).split("/")[-1],
+    }
+
+
+def start_sim(procs: Procs, name: str, *args: str) -> str:
+    port = free_port()
+    p = procs.start(name, [sys.executable, "-c", "from fleetgate.cli.main import main; main()",
+                           "sim", "--port", str(port), "--model", upstream.MODEL, *args])
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", 60, p)
+    return url
+
+
+def stream_body(max_tokens: int) -> bytes:
+    return json.dumps({"model": upstream.MODEL, "stream": True, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": "Tell me a story."}]},
+                      separators=(",", ":")).encode()
+
+
+def run_async(coro: Any) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def s1_s2(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[str, Any]) -> None:
+    fg_extra = a.fleetgate_args.split()
+    for name in a.path_list:
+        log(f"scenario 1/2: starting {name}")
+        try:
+            run = paths.start(name, procs, up, work, fleetgate_extra=fg_extra)
+        except (FileNotFoundError, RuntimeError, TimeoutError) as e:
+            log(f"  {name} unavailable: {e}")
+            res.setdefault("skipped", {})[name] = str(e).splitlines()[0]
+            continue
+        script = wrk.lua_script(work / f"{name}.lua", url_path=CHAT, body=upstream.REQUEST,
+                                key=run.key)
+        if 1 in a.scenarios:
+            wrk.run(run.url, script, duration_s=a.warmup)
+            pid = run.proc.pid if run.proc else None
+            prof = None
+            if a.profile and name == "fleetgate" and pid:
+                prof = subprocess.Popen(
+                    [str(paths.VENVS / "bench" / "bin" / "py-spy"), "record", "-p", str(pid),
+                     "-d", str(int(a.duration)), "-o", str(work / "profile-s1.svg"),
+                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if pid:
+                with Sampler(pid) as smp:
+                    r = wrk.run(run.url, script, duration_s=a.duration)
+                r["cpu_pct"] = 100 * smp.cpu_s / smp.wall_s
+                r["rss_mb"] = smp.peak_rss / MB
+            else:
+                r = wrk.run(run.url, script, duration_s=a.duration)
+            if prof is not None:
+                prof.wait(timeout=60)
+            res.setdefault("s1", {})[name] = r
+            log(f"  s1 {name}: {r['rps']:,.0f} req/s p50 {r['p50_ms']:.2f} ms "
+                f"p99 {r['p99_ms']:.2f} ms non-2xx {r['non_2xx']}")
+        if 2 in a.scenarios and name != "litellm":
+            tgt = loadgen.Target(run.host, run.port, CHAT, upstream.REQUEST, run.headers())
+            r2 = run_async(loadgen.open_loop(tgt, a.rate, a.rate_duration, warmup_s=a.warmup))
+            res.setdefault("s2", {})[name] = r2.summary()
+            log(f"  s2 {name}: p50 {r2.summary()['p50_ms']:.2f} ms "
+                f"p99 {r2.summary()['p99_ms']:.2f} ms at {r2.achieved_rps:.0f} req/s")
+        if run.proc is not None:
+            procs.stop(run.proc)
+    direct = res.get("s2", {}).get("direct")
+    if direct:
+        for name, r in res["s2"].items():
+            r["added_p50_ms"] = r["p50_ms"] - direct["p50_ms"]
+            r["added_p99_ms"] = r["p99_ms"] - direct["p99_ms"]
+
+
+def s3(a: argparse.Namespace, procs: Procs, work: Path, res: dict[str, Any]) -> None:
+    # A realistic decode rate for one stream: 100 ms to the first token, then 50 tokens/s.
+    sim = start_sim(procs, "sim-s3", "--ttft-ms", "100", "--tokens-per-s", "50")
+    body = stream_body(50)
+    for name in [p for p in a.path_list if p in ("direct", "fleetgate", "vllm-router")]:
+        log(f"scenario 3: {name}")
+        try:
+            run = paths.start(name, procs, sim, work / "s3", fleetgate_extra=a.fleetgate_args.split())
+        except (FileNotFoundError, RuntimeError, TimeoutError) as e:
+            log(f"  {name} unavailable: {e}")
+            continue
+        tgt = loadgen.Target(run.host, run.port, CHAT, body, run.headers())
+        run_async(loadgen.stream_load(tgt, 20, duration_s=1.0))  # warm-up
+        # Workers start spread over one stream's length (ramp), so requests arrive steadily
+        # rather than in bursts of 100 that would measure queueing instead of the path.
+        r = run_async(loadgen.stream_load(tgt, 100, duration_s=a.stream_duration, ramp_s=1.0))
+        res.setdefault("s3", {})[name] = s = r.summary()
+        log(f"  s3 {name}: {s['completed']} streams, TTFT p50 {s['ttft_p50_ms']:.2f} ms, "
+            f"gap p50 {s['gap_p50_ms']:.2f} p99 {s['gap_p99_ms']:.2f} ms, failed {s['failed']}")
+        if run.proc is not None:
+            procs.stop(run.proc)
+    d = res.get("s3", {}).get("direct")
+    if d:
+        for r in res["s3"].values():
+            r["added_ttft_p50_ms"] = r["ttft_p50_ms"] - d["ttft_p50_ms"]
+    procs.stop(next(p for p in procs.items if p.name == "sim-s3"))
+
+
+def s4(a: argparse.Namespace, procs: Procs, work: Path, res: dict[str, Any]) -> None:
+    n = a.streams
+    log(f"scenario 4: {n:,} concurrent streams through one FleetGate process")
+    sim = start_sim(procs, "sim-s4", "--ttft-ms", "2000", "--tokens-per-s", "1")
+    cfg = paths.fleetgate_config(work / "s4", sim, upstream_max_connections=n + 100)
+    run = paths.start_fleetgate(procs, cfg, paths.create_key(cfg), name="fleetgate-s4",
+                                extra=a.fleetgate_args.split())
+    tgt = loadgen.Target(run.host, run.port, CHAT, stream_body(12), run.headers())
+    ramp = 5.0 if n >= 2000 else 1.0
+    assert run.proc is not None
+    with Sampler(run.proc.pid) as smp:
+        r = run_async(loadgen.stream_load(tgt, n, streams_per_worker=1, ramp_s=ramp,
+                                          timeout_s=120))
+    s = r.summary()
+    res["s4"] = {"streams": n, "completed": r.completed, "failed": r.failed,
+                 "errors": r.errors, "peak_in_flight": r.peak_in_flight,
+                 "peak_rss_mb": smp.peak_rss / MB, "cpu_s": smp.cpu_s, "wall_s": smp.wall_s,
+                 "cpu_pct": 100 * smp.cpu_s / smp.wall_s, "ttft_p50_ms": s["ttft_p50_ms"],
+                 "duration_p50_ms": s["duration_p50_ms"]}
+    log(f"  s4: {r.completed}/{n} completed, peak {r.peak_in_flight} in flight, "
+        f"peak RSS {smp.peak_rss / MB:.0f} MB, CPU {res['s4']['cpu_pct']:.0f}% "
+        f"({r.errors or 'no errors'})")
+    procs.stop(run.proc)
+    procs.stop(next(p for p in procs.items if p.name == "sim-s4"))
+
+
+def s5(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[str, Any]) -> None:
+    total, checkpoint = a.soak_requests, a.soak_checkpoint
+    log(f"scenario 5: soak of {total:,} requests through FleetGate (RSS at {checkpoint:,})")
+    cfg = paths.fleetgate_config(work / "s5", up)
+    run = paths.start_fleetgate(procs, cfg, paths.create_key(cfg), name="fleetgate-s5",
+                                extra=a.fleetgate_args.split())
+    assert run.proc is not None
+    script = wrk.lua_script(work / "s5.lua", url_path=CHAT, body=upstream.REQUEST, key=run.key)
+    done = errors = 0
+    rss_cp: float | None = None
+    series: list[tuple[int, float]] = [(0, rss_bytes(run.proc.pid) / MB)]
+    t0 = time.monotonic()
+    # Bound in time as well as count: at 500 req/s even a slow path finishes its slices.
+    deadline = t0 + max(120.0, total / 500)
+    while done < total and time.monotonic() < deadline:
+        r = wrk.run(run.url, script, duration_s=a.soak_slice)
+        done += r["requests"]
+        errors += r["non_2xx"] + r["socket_errors"]
+        rss = rss_bytes(run.proc.pid) / MB
+        series.append((done, rss))
+        if rss_cp is None and done >= checkpoint:
+            rss_cp, cp_done = rss, done
+        if len(series) % 10 == 0:
+            log(f"  s5: {done:,} requests, RSS {rss:.0f} MB")
+    wall = time.monotonic() - t0
+    end = series[-1][1]
+    res["s5"] = {"requests": done, "errors": errors, "rps": done / wall,
+                 "checkpoint_requests": cp_done if rss_cp else checkpoint,
+                 "rss_checkpoint_mb": rss_cp, "rss_end_mb": end,
+                 "rss_ratio": end / rss_cp if rss_cp else float("nan"),
+                 "series": series, "complete": done >= total}
+    log(f"  s5: {done:,} requests in {wall:.0f} s, RSS {rss_cp:.1f} -> {end:.1f} MB")
+    procs.stop(run.proc)
+
+
+def s6(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[str, Any]) -> None:
+    log(f"scenario 6: {a.keys:,} keys, a random one per request")
+    (work / "s6").mkdir(exist_ok=True)
+    cfg = paths.fleetgate_config(work / "s6", up)
+    key_file = work / "s6" / "keys.txt"
+    t = time.monotonic()
+    paths.bulk_keys(cfg, a.keys, key_file)
+    log(f"  inserted {a.keys:,} keys in {time.monotonic() - t:.1f} s")
+    run = paths.start_fleetgate(procs, cfg, None, name="fleetgate-s6",
+                                extra=a.fleetgate_args.split())
+    script = wrk.lua_script(work / "s6.lua", url_path=CHAT, body=upstream.REQUEST,
+                            key_file=key_file)
+    cold = wrk.run(run.url, script, duration_s=a.duration)
+    warm = wrk.run(run.url, script, duration_s=a.duration)
+    s1 = res.get("s1", {}).get("fleetgate", {}).get("rps")
+    res["s6"] = {"keys": a.keys, "rps": cold["rps"], "p50_ms": cold["p50_ms"],
+                 "p99_ms": cold["p99_ms"], "errors": cold["non_2xx"] + cold["socket_errors"],
+                 "warm_rps": warm["rps"], "ratio_to_s1": cold["rps"] / s1 if s1 else None}
+    log(f"  s6: cold {cold['rps']:,.0f} req/s (p99 {cold['p99_ms']:.1f} ms), "
+        f"warm {warm['rps']:,.0f} req/s, errors {res['s6']['errors']}")
+    assert run.proc is not None
+    procs.stop(run.proc)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    nofile = raise_nofile()
+    if 4 in a.scenarios and nofile < 3 * a.streams + 1000:
+        log(f"open-file limit {nofile} is low for {a.streams} streams")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = RESULTS / f"run-{stamp}"
+    for sub in ("", "s3", "s4", "s5", "s6"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"meta": {**machine(), "argv": sys.argv[1:] if argv is None else argv}}
+    log(f"logs and results in {work}")
+
+    procs = Procs(work)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        procs.close()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        up = None
+        if a.scenarios & {1, 2, 5, 6}:
+            port = free_port()
+            ng = procs.start("nginx", upstream.nginx_argv(work / "nginx", port))
+            up = f"http://127.0.0.1:{port}"
+            wait_http(up + "/", 30, ng)
+        if a.scenarios & {1, 2}:
+            s1_s2(a, procs, work, up, res)
+        if 3 in a.scenarios:
+            s3(a, procs, work, res)
+        if 4 in a.scenarios:
+            s4(a, procs, work, res)
+        if 5 in a.scenarios:
+            s5(a, procs, work, up, res)
+        if 6 in a.scenarios:
+            s6(a, procs, work, up, res)
+    finally:
+        procs.close()
+        (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
+        shutil.copy(work / "results.json", RESULTS / "latest.json")
+
+    print(report.text_table(res))
+    if not a.quick and not a.no_docs:
+        png = report.plot(res, PNG)
+        report.write_docs(res, DOC, PNG.name if png else None)
+        log(f"wrote {DOC.relative_to(ROOT)}" + (f" and {PNG.relative_to(ROOT)}" if png else ""))

@@ -1,0 +1,202 @@
+"""Processes the harness starts: start, wait until they answer, sample RSS and CPU, stop.
+
+Every process is started in its own session and registered with a :class:`Procs` group, which
+stops them all (SIGTERM, then SIGKILL) on exit, on an exception and on SIGTERM/SIGINT to the
+harness. Nothing here touches a process the harness did not start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to the hard limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (worker processes count towards a server's cost)."""
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(_children(p))
+    return seen
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+    return total
+
+
+@dataclass
+class Sampler:
+    """Samples a process tree's RSS every ``interval_s`` in a thread: peak and series."""
+
+    pid: int
+    interval_s: float = 0.25
+    peak_rss: int = 0
+    series: list[tuple[float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Sampler:
+        self.t0 = time.monotonic()
+        self.cpu0 = cpu_seconds(self.pid)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> int:
+        r = rss_bytes(self.pid)
+        self.peak_rss = max(self.peak_rss, r)
+        self.series.append((time.monotonic() - self.t0, r))
+        return r
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        self.wall_s = time.monotonic() - self.t0
+        self.cpu_s = cpu_seconds(self.pid) - self.cpu0
+
+
+class Proc:
+    def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None):
+        self.name = name
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def stop(self, grace_s: float = 10) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        self._log.close()
+
+
+class Procs:
+    """A group of started processes, all stopped when the group closes."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.items: list[Proc] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> Proc:
+        p = Proc(name, argv, self.logdir / f"{name}.log", env)
+        self.items.append(p)
+        return p
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        with contextlib.suppress(ValueError):
+            self.items.remove(proc)
+
+    def close(self) -> None:
+        while self.items:
+            self.items.pop().stop()
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_http(url: str, timeout_s: float, proc: Proc | None = None, ok: int = 200) -> None:
+    """Poll ``url`` with GET until it answers ``ok``; raise with the process's log tail if not."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == ok:
+                    return
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    tail = proc.tail() if proc is not None else ""
+    raise TimeoutError(f"{url} did not answer {ok} within {timeout_s:.0f} s ({last})\n{tail}")
