@@ -1,0 +1,81 @@
+"""The fleet API's logic, for the HTTP layer to mount thinly.
+
+Each handler takes the pool, the authenticated :class:`~fleetgate.auth.principals.Principal`
+and the parsed JSON body, and returns ``(status, json_dict)``. Errors are raised as
+:class:`~fleetgate.errors.GatewayError` subclasses, so the one envelope handler renders them.
+None of them waits: ``up`` asks the controller and answers at once.
+
+* ``POST /v1/fleet/up``   ``{"model": NAME}`` -> ``{"model", "status": pending|starting|healthy}``
+* ``POST /v1/fleet/down`` ``{"model": NAME}`` -> ``{"model", "status"}``
+* ``GET /v1/fleet/status`` (optional ``model``) -> :func:`fleetgate.fleet.status.snapshot`,
+  limited to the models the caller may use unless the caller is an admin.
+
+Who may call ``up``/``down`` is ``fleet.up_access`` / ``fleet.down_access``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetgate.auth.principals import Principal
+from fleetgate.errors import InvalidRequest, ModelNotFound, PermissionDenied
+from fleetgate.fleet.pool import Pool
+from fleetgate.fleet.status import snapshot
+
+
+def _model(pool: Pool, principal: Principal, body: Any, access: str, verb: str) -> str:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object with 'model'.")
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("'model' is required and must be a string.", param="model")
+    if name not in pool.groups:
+        raise ModelNotFound(f"The model '{name[:200]}' does not exist.", param="model")
+    if principal.admin:
+        return name
+    if not principal.allows(name):
+        raise PermissionDenied(f"This API key may not use the model '{name}'.", param="model")
+    if access != "model_users":
+        raise PermissionDenied(f"Only an admin key may {verb} a model.", param="model")
+    return name
+
+
+async def fleet_up(pool: Pool, principal: Principal, body: Any) -> tuple[int, dict[str, Any]]:
+    name = _model(pool, principal, body, pool.fleet.up_access, "start")
+    return 200, {"model": name, "status": pool.up(name)}
+
+
+async def fleet_down(pool: Pool, principal: Principal, body: Any) -> tuple[int, dict[str, Any]]:
+    name = _model(pool, principal, body, pool.fleet.down_access, "stop")
+    return 200, {"model": name, "status": pool.down(name)}
+
+
+async def fleet_status(
+    pool: Pool, principal: Principal, model: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    names = list(pool.groups)
+    if not principal.admin:
+        names = [n for n in names if principal.allows(n)]
+    if model is not None:
+        if model not in pool.groups or model not in names:
+            raise ModelNotFound(f"The model '{model[:200]}' does not exist.", param="model")
+        names = [model]
+    snap = snapshot(pool, names)
+    if not principal.admin:
+        snap = redact(snap)
+    return 200, snap
+
+
+_PUBLIC_MODEL = ("model", "status", "backend", "ready", "inflight", "queued", "idle_s")
+_PUBLIC_REPLICA = ("id", "state", "routable", "inflight", "age_s", "in_state_s", "idle_s")
+
+
+def redact(snap: dict[str, Any]) -> dict[str, Any]:
+    """What a non-admin caller sees: states and counts, no pids, paths, URLs or log lines."""
+    return {
+        "models": [
+            {k: m[k] for k in _PUBLIC_MODEL}
+            | {"replicas": [{k: r[k] for k in _PUBLIC_REPLICA} for r in m["replicas"]]}
+            for m in snap["models"]
+        ]
+    }
