@@ -66,6 +66,7 @@ class Controller:
         self._slot += 1
         g.add(rep)
         sup = Supervisor(rep, g, self.launcher, spec, self.fleet, self.prober, adopted)
+        sup.prime()
         task = asyncio.get_running_loop().create_task(sup.run(), name=f"replica {rid}")
         self.tasks[rid] = (sup, task)
         task.add_done_callback(lambda _t: self._forget(rid))

@@ -91,6 +91,7 @@ class Pool:
         await self._settle_leftovers()
         loop = asyncio.get_running_loop()
         for name, c in self.controllers.items():
+            c.step()  # static URLs are routable when start() returns
             self._tasks.append(loop.create_task(c.run(), name=f"controller {name}"))
 
     async def _settle_leftovers(self) -> None:

@@ -77,6 +77,18 @@ class Supervisor:
         self.headers = {"authorization": f"Bearer {key}"} if key else None
         self._crashes: deque[float] = deque()
 
+    def prime(self) -> None:
+        """Make what already runs (a static URL) routable at once, before any probe: the
+        gateway serves from its first request, and a failed probe or a connect failure
+        reported by the request path takes the URL out again. Called once, before ``run``."""
+        if self.handle is None and not self.launcher.manages_processes:
+            h = self.launcher.attach(self.spec)
+            if h is not None:
+                self.handle = h
+                self.rep.handle, self.rep.url = h, h.url
+                self.rep._set_state(State.STARTING, f"static URL {h.url}")
+                self.rep._set_state(State.READY, "static URL: routable until a check fails")
+
     async def run(self) -> None:
         try:
             await self._run()
@@ -100,7 +112,9 @@ class Supervisor:
                 await self._stop_now()
                 return
             launched = time.monotonic()
-            if self.handle is None:
+            if rep.state is State.READY:  # primed by prime()
+                out = Outcome("ready")
+            elif self.handle is None:
                 try:
                     self.handle = await self.launcher.start(self.spec)
                 except LaunchError as e:
@@ -112,15 +126,17 @@ class Supervisor:
                 rep.handle, rep.url = self.handle, self.handle.url
                 pid = self.handle.info.get("pid")
                 rep._set_state(State.STARTING, f"launched (pid {pid})" if pid else "probing")
+                out = await self._await_ready(launched)
             else:
                 rep.handle, rep.url = self.handle, self.handle.url
                 rep._set_state(State.STARTING, "adopted from a previous gateway run")
-            out = await self._await_ready(launched)
+                out = await self._await_ready(launched)
             while out.what == "ready":
-                if not self.adopted and self.launcher.manages_processes:
-                    self.group.stats.observe_cold_start(time.monotonic() - launched)
-                self.adopted = False
-                rep._set_state(State.READY, "health check passed")
+                if rep.state is not State.READY:
+                    if not self.adopted and self.launcher.manages_processes:
+                        self.group.stats.observe_cold_start(time.monotonic() - launched)
+                    self.adopted = False
+                    rep._set_state(State.READY, "health check passed")
                 out = await self._watch()
                 if out.what == "unhealthy" and not self.launcher.manages_processes:
                     rep._set_state(State.STARTING, f"health check failed: {out.detail}")

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import fleet_dict, local_backend, make_settings
+from fleet_helpers import fleet_dict, local_backend, make_settings
 
 from fleetgate.auth.principals import Principal
 from fleetgate.errors import InvalidRequest, ModelNotFound, PermissionDenied

@@ -14,7 +14,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from click.testing import CliRunner
-from conftest import fleet_dict, local_backend, make_settings
+from fleet_helpers import (
+    fleet_dict,
+    local_backend,
+    make_settings,
+    no_leaked_replicas,  # noqa: F401  (autouse: no process outlives a test)
+)
 
 from fleetgate.auth.principals import Principal
 from fleetgate.cli.fleet import down, status, table, up

@@ -38,7 +38,7 @@ def test_every_setting_is_documented(prefix: str, model: type[BaseModel]) -> Non
 
 
 def test_every_command_and_metric_is_documented(tmp_path: Path) -> None:
-    from conftest import fleet_dict, local_backend, make_settings
+    from fleet_helpers import fleet_dict, local_backend, make_settings
 
     for cmd in ("fleetgate up", "fleetgate down", "fleetgate status"):
         assert f"`{cmd}" in DOC

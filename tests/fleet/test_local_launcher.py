@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import pid_running
+from fleet_helpers import (
+    no_leaked_replicas,  # noqa: F401  (autouse: no process outlives a test)
+    pid_running,
+)
 from pydantic import TypeAdapter
 
 from fleetgate.fleet.launchers.base import LaunchError, LaunchSpec

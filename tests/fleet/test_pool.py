@@ -14,7 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import fleet_dict, local_backend, make_settings, pid_running
+from fleet_helpers import (
+    fleet_dict,
+    local_backend,
+    make_settings,
+    no_leaked_replicas,  # noqa: F401  (autouse: no process outlives a test)
+    pid_running,
+)
 
 from fleetgate.errors import ModelNotFound, Unavailable
 from fleetgate.fleet.pool import Pool
@@ -264,16 +270,22 @@ async def test_gateway_restart_adopts_or_stops_leftovers(tmp_path: Path) -> None
     assert list((tmp_path / "state" / "local").glob("*.json")) == []
 
 
-async def test_static_backend_is_probed_never_launched(tmp_path: Path) -> None:
+async def test_static_url_is_routable_at_once_and_probed_after_a_failure(tmp_path: Path) -> None:
     s = make_settings(
         [{"name": "st", "backend": {"type": "static", "urls": ["http://127.0.0.1:9"]}}],
         fleet_dict(tmp_path),
     )
     async with running(s) as pool:
+        lease = pool.acquire("st")  # no probe yet: an existing URL is trusted until it fails
+        assert lease.url == "http://127.0.0.1:9"
+        pool.report_connect_failure(lease)
+        lease.release()
         with pytest.raises(Unavailable):
             pool.acquire("st")
-        await asyncio.sleep(0.5)
         g = pool.groups["st"]
-        assert [r.state for r in g.replicas] == [State.STARTING]
+        rep = g.replicas[0]
+        await until(lambda: rep.state is State.STARTING, 3, "probed out")
+        assert rep.reason.startswith("health check failed: 2 failed health checks")
         assert g.stats.launches == 0
         assert pool.down("st") == "starting"  # static replicas are not ours to stop
+        assert not rep.stop_requested.is_set()

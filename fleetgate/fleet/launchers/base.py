@@ -61,6 +61,10 @@ class Launcher(Protocol):
 
     async def start(self, spec: LaunchSpec) -> Handle: ...
 
+    def attach(self, spec: LaunchSpec) -> Handle | None:
+        """A handle at once, for what already runs (a static URL); None when it must start."""
+        ...
+
     async def poll(self, handle: Handle) -> Observed: ...
 
     async def stop(self, handle: Handle, grace_s: float | None = None) -> None: ...
@@ -76,6 +80,9 @@ class Launcher(Protocol):
 
 class PassiveLauncher:
     """Shared no-ops for launchers that own no processes: nothing to adopt, stop or log."""
+
+    def attach(self, spec: LaunchSpec) -> Handle | None:
+        return None
 
     async def stop(self, handle: Handle, grace_s: float | None = None) -> None:
         return None

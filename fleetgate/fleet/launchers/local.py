@@ -268,6 +268,9 @@ class LocalLauncher:
         self._write_state(handle)
         return handle
 
+    def attach(self, spec: LaunchSpec) -> Handle | None:
+        return None
+
     async def poll(self, handle: Handle) -> Observed:
         info = handle.info
         proc = self._procs.get(handle.replica_id)

@@ -14,6 +14,9 @@ class StaticLauncher(PassiveLauncher):
         self.fleet = fleet
 
     async def start(self, spec: LaunchSpec) -> Handle:
+        return self.attach(spec)
+
+    def attach(self, spec: LaunchSpec) -> Handle:
         backend = spec.backend
         assert isinstance(backend, StaticBackend)
         return Handle(spec.replica_id, spec.model, backend.urls[spec.slot % len(backend.urls)])
