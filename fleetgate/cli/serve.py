@@ -37,7 +37,48 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run_server(settings: config_mod.Settings, host: str, port: int, *, access_log: bool) -> None:
+_WORKER_CONFIG_ENV = "FLEETGATE_WORKER_CONFIG"
+
+
+def worker_app() -> object:
+    """The app factory each worker process calls when ``serve --workers N`` runs N > 1.
+
+    A worker loads the config file itself (spawned processes share no memory with the parent),
+    so what it runs is exactly what ``check-config`` validates.
+    """
+    from fleetgate.app import create_app
+
+    return create_app(config_mod.load(os.environ[_WORKER_CONFIG_ENV]))
+
+
+def check_workers(settings: config_mod.Settings, workers: int) -> None:
+    """Several workers are only safe where no worker's control plane launches anything.
+
+    Each worker runs its own lifespan: a key cache, a usage writer (every worker writes its own
+    events, so accounting stays exact) and a pool. A pool with a launcher other than ``static``
+    would start replicas once per worker, so that is refused.
+    """
+    if workers < 1:
+        raise click.ClickException("--workers must be at least 1")
+    if workers == 1:
+        return
+    launching = [m.name for m in settings.models if m.backend.type != "static"]
+    if launching:
+        raise click.ClickException(
+            f"--workers {workers} needs static backends only; these models launch replicas, "
+            f"which every worker would do again: {', '.join(launching)}. Use --workers 1."
+        )
+
+
+def run_server(
+    settings: config_mod.Settings,
+    host: str,
+    port: int,
+    *,
+    access_log: bool,
+    workers: int = 1,
+    config_path: str | None = None,
+) -> None:
     import uvicorn
 
     from fleetgate.app import create_app
@@ -45,9 +86,7 @@ def run_server(settings: config_mod.Settings, host: str, port: int, *, access_lo
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
-    uvicorn.run(
-        app,
+    common = dict(
         host=host,
         port=port,
         loop="uvloop",
@@ -58,6 +97,24 @@ def run_server(settings: config_mod.Settings, host: str, port: int, *, access_lo
         server_header=False,
         timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
         log_level="info",
+    )
+    if workers == 1:
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        return
+    assert config_path is not None, "several workers load the config from its file"
+    check_workers(settings, workers)
+    # Bring the schema to head once, here, rather than racing N workers to it.
+    from fleetgate.store.db import migrate, open_engine
+
+    engine = open_engine(settings.store.url)
+    migrate(engine)
+    engine.dispose()
+    os.environ[_WORKER_CONFIG_ENV] = str(Path(config_path).resolve())
+    uvicorn.run(
+        "fleetgate.cli.serve:worker_app",
+        factory=True,
+        workers=workers,
+        **common,  # type: ignore[arg-type]
     )
 
 
@@ -78,8 +135,21 @@ def run_server(settings: config_mod.Settings, host: str, port: int, *, access_lo
     show_default=True,
     help="Log one line per request (paths and statuses, never keys).",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Worker processes sharing the port (static backends only). On an N-core machine, "
+    "N workers roughly multiply throughput; see docs/benchmarks.md.",
+)
 def serve(
-    config_path: str, host: str | None, port: int | None, insecure: bool, access_log: bool
+    config_path: str,
+    host: str | None,
+    port: int | None,
+    insecure: bool,
+    access_log: bool,
+    workers: int,
 ) -> None:
     """Run the gateway.
 
@@ -87,6 +157,7 @@ def serve(
     Examples:
       fleetgate serve --config examples/static.yaml
       fleetgate serve --config fleet.yaml --host 0.0.0.0 --port 8080
+      fleetgate serve --config fleet.yaml --workers 2     # static backends, 2 cores
     """
     settings = load_or_exit(config_path)
     host = host or settings.server.host
@@ -96,7 +167,10 @@ def serve(
             f"refusing to bind {host} with auth.mode 'none': anyone who can reach it would "
             "reach your GPUs. Bind 127.0.0.1, turn auth on, or pass --insecure."
         )
-    run_server(settings, host, port, access_log=access_log)
+    check_workers(settings, workers)
+    run_server(
+        settings, host, port, access_log=access_log, workers=workers, config_path=config_path
+    )
 
 
 @click.command("check-config")
