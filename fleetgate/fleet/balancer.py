@@ -7,6 +7,8 @@
   the same replica while that replica isn't overloaded, and a replica joining or leaving moves
   only its share of the keys.
 
+:func:`affinity_key` is what the request path hashes for ``prefix_affinity``.
+
 Each costs O(replicas) (plus a bisect on the ring); the ring is built once per replica set by
 :func:`build_ring` and cached by the caller.
 """
@@ -18,12 +20,31 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 VNODES = 64
 
 
 def _h(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def affinity_key(doc: dict[str, Any], prompt_bytes: int = 1024) -> bytes | None:
+    """The part of a request that later requests of the same conversation (or app) share.
+
+    Chat: the first two messages (typically the system prompt and the first user turn), which
+    every later turn of that conversation repeats. Completions: the first ``prompt_bytes`` of
+    the prompt. None when there's nothing to key on.
+    """
+    msgs = doc.get("messages")
+    if isinstance(msgs, list) and msgs:
+        return hashlib.blake2b(orjson.dumps(msgs[:2]), digest_size=16).digest()
+    prompt = doc.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return hashlib.blake2b(prompt.encode()[:prompt_bytes], digest_size=16).digest()
+    return None
 
 
 def least_outstanding(loads: Sequence[int], start: int = 0) -> int:

@@ -6,7 +6,13 @@ from collections import Counter
 
 import pytest
 
-from fleetgate.fleet.balancer import build_ring, capacity, least_outstanding, pick_affinity
+from fleetgate.fleet.balancer import (
+    affinity_key,
+    build_ring,
+    capacity,
+    least_outstanding,
+    pick_affinity,
+)
 
 LEAST = [
     ("single", [3], 0, 0),
@@ -106,3 +112,19 @@ def test_replica_leaving_moves_only_its_keys() -> None:
 def test_affinity_requires_matching_loads() -> None:
     with pytest.raises(ValueError):
         pick_affinity(build_ring(IDS), [0, 0], b"k", 1.25)
+
+
+SYS = {"role": "system", "content": "You are terse."}
+U1 = {"role": "user", "content": "What is 2+2?"}
+A1 = {"role": "assistant", "content": "4"}
+U2 = {"role": "user", "content": "And 3+3?"}
+
+
+def test_affinity_key_follows_a_conversation() -> None:
+    turn1 = affinity_key({"messages": [SYS, U1]})
+    turn2 = affinity_key({"messages": [SYS, U1, A1, U2]})
+    assert turn1 is not None and turn1 == turn2
+    assert affinity_key({"messages": [SYS, U2]}) != turn1
+    assert affinity_key({"prompt": "x" * 2000}) == affinity_key({"prompt": "x" * 1024 + "y"})
+    assert affinity_key({"prompt": ["tokens"]}) is None
+    assert affinity_key({"messages": []}) is None
