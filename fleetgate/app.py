@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from sqlalchemy import Engine
 
+from fleetgate.api import fleet as fleet_api
 from fleetgate.api import openai as openai_api
 from fleetgate.api.asgi import Receive, Scope, Send, send_error, send_json
 from fleetgate.auth.authn import Authenticator
@@ -50,6 +51,10 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/ready": {"GET": _ready},
     "/v1/models": {"GET": openai_api.list_models},
     **{path: {"POST": openai_api.proxy} for path in openai_api.ENDPOINTS},
+    "/v1/fleet/up": {"POST": fleet_api.up},
+    "/v1/fleet/down": {"POST": fleet_api.down},
+    "/v1/fleet/status": {"GET": fleet_api.status},
+    "/metrics": {"GET": fleet_api.metrics},
 }
 
 
@@ -70,6 +75,10 @@ class Gateway:
         self.upstream_headers: dict[str, dict[str, str]] = {}
         self.rewrites: dict[str, tuple[bytes, bytes]] = {}
         self.model_entries: list[tuple[str, dict[str, object]]] = []
+        self.affinity_models = {
+            m.name for m in settings.models if m.balancer.strategy == "prefix_affinity"
+        }
+        self.keepalive_s = 5.0  # SSE comment interval while a streaming client waits
         created = int(time.time())
         for m in settings.models:
             h = {"Content-Type": "application/json"}

@@ -20,7 +20,14 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleetgate.errors import ConfigError
-from fleetgate.fleet.spec import Backend
+from fleetgate.fleet.spec import (
+    Backend,
+    BalancerPolicy,
+    ColdStartPolicy,
+    FleetSettings,
+    RestartPolicy,
+    ScalingPolicy,
+)
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -77,6 +84,10 @@ class ModelSettings(_Model):
     api_key: str | None = Field(default=None, repr=False)
     label: str | None = None
     backend: Backend
+    scaling: ScalingPolicy = ScalingPolicy()
+    cold_start: ColdStartPolicy = ColdStartPolicy()
+    balancer: BalancerPolicy = BalancerPolicy()
+    restart: RestartPolicy = RestartPolicy()
 
     @property
     def upstream_name(self) -> str:
@@ -87,6 +98,7 @@ class Settings(_Model):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
     store: StoreSettings = StoreSettings()
+    fleet: FleetSettings = FleetSettings()
     models: tuple[ModelSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -132,7 +144,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("static",) and out.endswith("backend"):
+        elif part in ("static", "local") and out.endswith("backend"):
             continue  # pydantic's discriminator tag, not a key the user wrote
         else:
             out += f".{part}" if out else str(part)

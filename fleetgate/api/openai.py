@@ -22,7 +22,11 @@ from fleetgate.errors import (
     InvalidRequest,
     ModelNotFound,
     PermissionDenied,
+    Unavailable,
+    UpstreamUnreachable,
 )
+from fleetgate.fleet.balancer import affinity_key
+from fleetgate.fleet.pool import Lease
 from fleetgate.proxy.relay import ClientGone, relay_stream, relay_whole
 from fleetgate.proxy.usage_tap import UsageTap
 from fleetgate.store.repo import UsageEvent, utcnow
@@ -115,35 +119,114 @@ async def proxy(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None
     req = parse(raw, endpoint)
     m = gw.settings.model(req.model)
     if m is None:
-        raise ModelNotFound(
-            f"The model '{req.model[:200]}' does not exist.", param="model", code="model_not_found"
-        )
+        raise ModelNotFound(f"The model '{req.model[:200]}' does not exist.", param="model")
     if not principal.allows(m.name):
         raise PermissionDenied(f"This API key may not use the model '{m.name}'.", param="model")
+    affinity = affinity_key(req.doc) if m.name in gw.affinity_models else None
     body, added_usage = upstream_body(raw, req, m)
-    lease = gw.pool.acquire(m.name)
     gone = ClientGone()
     finished = asyncio.Event()
     watcher = asyncio.create_task(_watch(receive, gone, finished))
     tap = UsageTap(hide_usage_event=added_usage, rewrite=gw.rewrites.get(m.name))
     status = 0
+    lease: Lease | None = None
+    sse_started = False
     try:
-        resp = await gw.upstream.open(
-            lease.url + scope["path"], body, gw.upstream_headers[m.name], gone
-        )
+        try:
+            lease = gw.pool.acquire(m.name, affinity_key=affinity)
+        except Unavailable:
+            if gw.pool.cold_start_mode(m.name) != "wait":
+                raise
+            sse_started = req.stream
+            await _wait_for_replica(gw, m.name, send, gone, keepalive=req.stream)
+            if gone.gone:
+                return
+            lease = gw.pool.acquire(m.name, affinity_key=affinity)
+        url = lease.url + scope["path"]
+        headers = gw.upstream_headers[m.name]
+        try:
+            resp = await gw.upstream.open(url, body, headers, gone)
+        except UpstreamUnreachable as first:
+            # Nothing reached the client yet: take the replica out and try once more elsewhere.
+            gw.pool.report_connect_failure(lease)
+            lease.release()
+            lease = None
+            try:
+                lease = gw.pool.acquire(m.name, affinity_key=affinity)
+            except Unavailable:
+                raise first from None  # no other replica: say what happened, a 502
+            resp = await gw.upstream.open(lease.url + scope["path"], body, headers, gone)
         status = resp.status
         if req.stream and resp.status == 200 and resp.content_type == "text/event-stream":
-            await relay_stream(resp, send, tap, gone)
+            await relay_stream(resp, _AfterHead(send, False) if sse_started else send, tap, gone)
         else:
-            await relay_whole(resp, send, tap)
+            await relay_whole(resp, _AfterHead(send, True) if sse_started else send, tap)
     except GatewayError as e:
         status = e.status
-        raise
+        if not sse_started:
+            raise
+        # The SSE response already started while waiting: end it with the error event.
+        await send({"type": "http.response.body", "body": e.sse_event(), "more_body": False})
     finally:
         finished.set()
         watcher.cancel()
-        lease.release()
+        if lease is not None:
+            lease.release()
         _account(gw, principal, m.name, endpoint, status, req.stream, tap, started)
+
+
+class _AfterHead:
+    """``send`` for a response whose SSE head already went out during a cold-start wait.
+
+    The relay's own response head is dropped. With ``as_event`` (the upstream answered with
+    something other than a stream, i.e. an error) the body becomes the stream's final ``data:``
+    event, since the status line can no longer change.
+    """
+
+    __slots__ = ("send", "as_event")
+
+    def __init__(self, send: Send, as_event: bool) -> None:
+        self.send = send
+        self.as_event = as_event
+
+    async def __call__(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            return
+        if self.as_event:
+            data = msg.get("body", b"").strip()
+            if data:
+                msg = {**msg, "body": b"data: " + data + b"\n\n"}
+        await self.send(msg)
+
+
+# The head of a stream the gateway opens itself, before any replica answered (cold-start wait).
+_WAIT_HEAD = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    (b"x-fleetgate-source", b"gateway"),
+]
+_KEEPALIVE = b": waiting for the model to start\n\n"
+
+
+async def _wait_for_replica(
+    gw: Gateway, model: str, send: Send, gone: ClientGone, *, keepalive: bool
+) -> None:
+    """Cold start in ``wait`` mode. A streaming client gets SSE comments every few seconds."""
+    if keepalive:
+        await send({"type": "http.response.start", "status": 200, "headers": _WAIT_HEAD})
+    wait = asyncio.ensure_future(gw.pool.wait_ready(model, gw.pool.wait_timeout(model)))
+    try:
+        while not gone.gone:
+            done, _ = await asyncio.wait({wait}, timeout=gw.keepalive_s)
+            if done:
+                wait.result()  # raises Unavailable on timeout or failure
+                return
+            if keepalive:
+                await send({"type": "http.response.body", "body": _KEEPALIVE, "more_body": True})
+    finally:
+        if not wait.done():
+            wait.cancel()
 
 
 def _account(
