@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from fleetgate.auth import keys as keyfmt
 from fleetgate.cli.serve import load_or_exit
@@ -26,6 +30,23 @@ def _engine(settings: Settings) -> Engine:
     engine = open_engine(settings.store.url)
     migrate(engine)
     return engine
+
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def store_errors(fn: F) -> F:
+    """Turn a store that can't be opened or written into one clear line, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except (SQLAlchemyError, OSError) as e:
+            reason = getattr(e, "orig", None) or e
+            raise click.ClickException(f"the key store can't be used: {reason}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def create_key(
@@ -84,6 +105,7 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--models", default=None, help="Comma-separated allow-list (default: all models).")
 @click.option("--expires", default=None, callback=_duration, help="Lifetime, e.g. 30d, 12h, 2w.")
 @click.option("--admin", is_flag=True, help="May use admin routes (fleet control, /metrics).")
+@store_errors
 def create(
     config_path: str, name: str, models: str | None, expires: dt.timedelta | None, admin: bool
 ) -> None:
@@ -105,6 +127,7 @@ def _fmt(t: dt.datetime | None) -> str:
 
 @keys.command("list")
 @_config_opt
+@store_errors
 def list_(config_path: str) -> None:
     """List keys: id, name, prefix, models, created, expires, last used. Never whole keys."""
     settings = load_or_exit(config_path)
@@ -138,6 +161,7 @@ def list_(config_path: str) -> None:
 @keys.command("revoke")
 @_config_opt
 @click.argument("key_id", type=int)
+@store_errors
 def revoke(config_path: str, key_id: int) -> None:
     """Revoke a key by id. A running gateway refuses it within about a second."""
     settings = load_or_exit(config_path)

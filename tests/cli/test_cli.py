@@ -74,3 +74,14 @@ def test_every_command_has_examples_in_help():
     for cmd in (["serve"], ["keys"], ["check-config"], ["demo"]):
         out = run(*cmd, "--help").output
         assert "Example" in out, cmd
+
+
+def test_keys_with_an_unusable_store_fail_with_one_clear_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    p = tmp_path / "gw.yaml"
+    p.write_text(f"store: {{url: 'sqlite:///{blocker}/sub/fg.db'}}\n")
+    r = run("keys", "list", "--config", str(p))
+    assert r.exit_code == 1
+    assert "the key store can't be used" in r.output
+    assert "Traceback" not in r.output
