@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from fleetgate import config
@@ -108,7 +109,7 @@ def test_load_reports_yaml_errors_and_missing_files(tmp_path: Path):
 
 def test_settings_are_frozen():
     s = config.parse({}, {})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         s.server.port = 1  # type: ignore[misc]
 
 

@@ -16,8 +16,9 @@ from fleetgate.store import repo
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3}
 
 
-def stats(sim_url: str) -> dict:
-    return httpx.get(f"{sim_url}/sim/stats").json()
+async def stats(sim_url: str) -> dict:
+    async with httpx.AsyncClient() as c:
+        return (await c.get(f"{sim_url}/sim/stats")).json()
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -46,10 +47,10 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dic
     ],
 )
 async def test_bad_keys_get_401_and_never_reach_upstream(gw, sim_url, headers, code):
-    before = stats(sim_url)["requests_total"]
+    before = (await stats(sim_url))["requests_total"]
     r = await gw.client.post("/v1/chat/completions", json=CHAT, headers=headers)
     assert_error(r, 401, code)
-    assert stats(sim_url)["requests_total"] == before
+    assert (await stats(sim_url))["requests_total"] == before
 
 
 async def test_error_message_names_no_more_than_the_prefix(gw):
@@ -76,7 +77,8 @@ async def test_upstream_gets_its_own_key_never_the_clients(gw, sim_url):
     r = await gw.client.post("/v1/chat/completions", json=CHAT,
                              headers={"Authorization": f"Bearer {key}", "X-Secret": "nope"})
     assert r.status_code == 200
-    last = httpx.get(f"{sim_url}/sim/last-request").json()
+    async with httpx.AsyncClient() as c:
+        last = (await c.get(f"{sim_url}/sim/last-request")).json()
     assert last["headers"]["authorization"] == "Bearer upstream-secret-key"
     assert key not in str(last)
     assert "x-secret" not in last["headers"]
@@ -110,11 +112,11 @@ async def test_revoked_key_is_refused_promptly_even_when_cached(gw):
 
 async def test_model_outside_the_allow_list_is_403(gw, sim_url):
     key = gw.key(models=["other"])
-    before = stats(sim_url)["requests_total"]
+    before = (await stats(sim_url))["requests_total"]
     r = await gw.client.post("/v1/chat/completions", json=CHAT,
                              headers={"Authorization": f"Bearer {key}"})
     assert_error(r, 403, "model_not_allowed")
-    assert stats(sim_url)["requests_total"] == before
+    assert (await stats(sim_url))["requests_total"] == before
     ok = await gw.client.post("/v1/chat/completions", json={**CHAT, "model": "other"},
                               headers={"Authorization": f"Bearer {key}"})
     assert ok.status_code == 200
@@ -145,11 +147,11 @@ async def test_unknown_model_is_404(gw):
 )
 async def test_path_tricks_are_404_and_never_proxied(gw, sim_url, path):
     key = gw.key()
-    before = stats(sim_url)["requests_total"]
+    before = (await stats(sim_url))["requests_total"]
     r = await gw.client.post(path, json=CHAT, headers={"Authorization": f"Bearer {key}"})
     assert r.status_code in (404, 405), (path, r.status_code)
     assert r.json()["error"]["source"] == "gateway"
-    assert stats(sim_url)["requests_total"] == before
+    assert (await stats(sim_url))["requests_total"] == before
 
 
 @pytest.mark.parametrize("host", ["evil.example", "", "localhost:1", "gw\r\nx: y"])
@@ -165,12 +167,12 @@ async def test_wrong_method_is_405(gw):
 
 async def test_oversize_body_is_413_before_auth_work_reaches_upstream(gw, sim_url):
     key = gw.key()
-    before = stats(sim_url)["requests_total"]
+    before = (await stats(sim_url))["requests_total"]
     big = {"model": "sim", "messages": [{"role": "user", "content": "x" * 100_000}]}
     r = await gw.client.post("/v1/chat/completions", json=big,
                              headers={"Authorization": f"Bearer {key}"})
     assert_error(r, 413, "request_too_large")
-    assert stats(sim_url)["requests_total"] == before
+    assert (await stats(sim_url))["requests_total"] == before
 
 
 @pytest.mark.parametrize(
