@@ -60,7 +60,7 @@ class Controller:
             model=g.name,
             replica_id=rid,
             backend=g.settings.backend,
-            served_name=getattr(g.settings, "upstream_name", g.name),
+            served_name=g.settings.upstream_name,
             slot=self._slot,
         )
         self._slot += 1

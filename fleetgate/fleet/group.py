@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
+from fleetgate.config import ModelSettings
 from fleetgate.fleet.balancer import Ring, build_ring
 from fleetgate.fleet.replica import TERMINAL, Replica, State
 from fleetgate.fleet.spec import ModelPolicy
@@ -22,7 +22,7 @@ KEEP_RETIRED = 8
 
 
 class ModelGroup:
-    def __init__(self, name: str, settings: Any, policy: ModelPolicy) -> None:
+    def __init__(self, name: str, settings: ModelSettings, policy: ModelPolicy) -> None:
         self.name = name
         self.settings = settings
         self.policy = policy

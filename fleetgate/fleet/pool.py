@@ -29,7 +29,7 @@ from fleetgate.fleet.health import Prober
 from fleetgate.fleet.launchers import LAUNCHERS, Launcher
 from fleetgate.fleet.launchers.local import config_digest
 from fleetgate.fleet.replica import Replica, State
-from fleetgate.fleet.spec import LocalBackend, fleet_of, policy_of, retry_after_estimate
+from fleetgate.fleet.spec import LocalBackend, policy_of, retry_after_estimate
 
 log = logging.getLogger("fleetgate.fleet")
 
@@ -66,7 +66,7 @@ class Lease:
 class Pool:
     def __init__(self, settings: Settings, launchers: dict[str, Launcher] | None = None) -> None:
         self.settings = settings
-        self.fleet = fleet_of(settings)
+        self.fleet = settings.fleet
         self.prober = Prober(self.fleet.probe_timeout_s)
         self.launchers: dict[str, Launcher] = dict(launchers or {})
         for kind, make in LAUNCHERS.items():

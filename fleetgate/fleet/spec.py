@@ -5,9 +5,8 @@ unknown keys and are frozen, like every config model. Nothing here does I/O.
 
 Per model, ``fleetgate.config.ModelSettings`` carries ``backend`` (the :data:`Backend` union)
 and, as policy, ``scaling``, ``cold_start``, ``balancer`` and ``restart``. Fleet-wide knobs live
-in :class:`FleetSettings` (``Settings.fleet``). :func:`policy_of` reads a model's policy and
-falls back to defaults for any field the settings object doesn't carry, so the fleet works with
-settings built before those fields existed.
+in :class:`FleetSettings` (``Settings.fleet``). :func:`policy_of` turns a model's settings into
+the policy the fleet acts on (a static backend's replica count is its URL count).
 """
 
 from __future__ import annotations
@@ -15,9 +14,12 @@ from __future__ import annotations
 import math
 import string
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from fleetgate.config import ModelSettings
 
 
 class SpecModel(BaseModel):
@@ -217,19 +219,20 @@ class ModelPolicy:
     restart: RestartPolicy
 
 
-def policy_of(model_settings: Any) -> ModelPolicy:
-    """The model's policy, with defaults for any part its settings don't carry.
+def policy_of(m: ModelSettings) -> ModelPolicy:
+    """The policy the fleet acts on for model ``m``.
 
-    A static backend always runs exactly one replica per URL, whatever ``scaling`` says.
+    A static backend always runs exactly one replica per URL, whatever ``scaling`` says; a
+    local one runs no more replicas than its GPU list allows.
     """
-    scaling = getattr(model_settings, "scaling", None) or ScalingPolicy()
-    backend = model_settings.backend
+    scaling = m.scaling
+    backend = m.backend
     if isinstance(backend, StaticBackend):
         n = len(backend.urls)
         scaling = scaling.model_copy(
             update={"min_replicas": n, "max_replicas": n, "idle_timeout_s": None}
         )
-    elif isinstance(backend, LocalBackend):
+    else:
         cap = backend.max_replicas_by_gpus()
         if cap is not None and scaling.max_replicas > cap:
             scaling = scaling.model_copy(
@@ -239,15 +242,8 @@ def policy_of(model_settings: Any) -> ModelPolicy:
                 }
             )
     return ModelPolicy(
-        scaling=scaling,
-        cold_start=getattr(model_settings, "cold_start", None) or ColdStartPolicy(),
-        balancer=getattr(model_settings, "balancer", None) or BalancerPolicy(),
-        restart=getattr(model_settings, "restart", None) or RestartPolicy(),
+        scaling=scaling, cold_start=m.cold_start, balancer=m.balancer, restart=m.restart
     )
-
-
-def fleet_of(settings: Any) -> FleetSettings:
-    return getattr(settings, "fleet", None) or FleetSettings()
 
 
 def retry_after_estimate(policy: ColdStartPolicy, remaining_s: float | None) -> int:

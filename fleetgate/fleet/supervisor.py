@@ -73,7 +73,7 @@ class Supervisor:
         self.models_path: str | None = getattr(b, "models_path", None)
         self.health_interval: float = b.health_interval_s
         self.start_timeout: float | None = getattr(b, "start_timeout_s", None)
-        key = getattr(group.settings, "api_key", None)
+        key = group.settings.api_key
         self.headers = {"authorization": f"Bearer {key}"} if key else None
         self._crashes: deque[float] = deque()
 

@@ -7,25 +7,14 @@ import contextlib
 import os
 import signal
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import TypeAdapter
 
 from fleetgate import config
-from fleetgate.errors import ConfigError
 from fleetgate.fleet.launchers.local import processes
-from fleetgate.fleet.spec import (
-    Backend,
-    BalancerPolicy,
-    ColdStartPolicy,
-    FleetSettings,
-    RestartPolicy,
-    ScalingPolicy,
-)
 
 SIM = (sys.executable, "-c", "from fleetgate.cli.main import main; main()", "sim")
 
@@ -58,36 +47,8 @@ def local_backend(tmp: Path, *sim_args: str, **over: Any) -> dict[str, Any]:
     return b
 
 
-POLICY_TYPES = {
-    "scaling": ScalingPolicy,
-    "cold_start": ColdStartPolicy,
-    "balancer": BalancerPolicy,
-    "restart": RestartPolicy,
-}
-
-
-def make_settings(models: list[dict[str, Any]], fleet: dict[str, Any]) -> Any:
-    """Settings through ``config.parse`` once it knows the fleet fields; until then an
-    equivalent stand-in (the pool reads them with defaults, see ``spec.policy_of``)."""
-    try:
-        return config.parse({"models": models, "fleet": fleet})
-    except ConfigError as e:
-        if "unknown key" not in str(e):
-            raise
-    ms = []
-    for m in models:
-        m = dict(m)
-        ns = types.SimpleNamespace(
-            name=m.pop("name"),
-            backend=TypeAdapter(Backend).validate_python(m.pop("backend")),
-            api_key=m.pop("api_key", None),
-        )
-        ns.upstream_name = m.pop("served_name", None) or ns.name
-        for k, t in POLICY_TYPES.items():
-            setattr(ns, k, t.model_validate(m.pop(k, {})))
-        assert not m, m
-        ms.append(ns)
-    return types.SimpleNamespace(models=tuple(ms), fleet=FleetSettings.model_validate(fleet))
+def make_settings(models: list[dict[str, Any]], fleet: dict[str, Any]) -> config.Settings:
+    return config.parse({"models": models, "fleet": fleet})
 
 
 def fleet_dict(tmp: Path, **over: Any) -> dict[str, Any]:
