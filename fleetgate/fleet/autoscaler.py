@@ -24,7 +24,7 @@ class Observed:
     ready: int
     inflight: int = 0  # requests on replicas now
     queued: int = 0  # requests waiting for a replica (cold-start wait mode)
-    last_activity: float = 0.0  # last request, demand or explicit up (same clock as now)
+    last_activity: float = 0.0  # last request, demand, up or replica ready (same clock as now)
     demand: bool = False  # someone wants the model now (a rejected or waiting request, an up)
     high_since: float | None = None
     low_since: float | None = None
@@ -78,6 +78,7 @@ def decide(obs: Observed, policy: ScalingPolicy) -> Decision:
         and floor == 0
         and load == 0
         and not obs.demand
+        and obs.ready >= obs.current  # a start someone asked for is seen through, not cut
         and obs.now - obs.last_activity >= policy.idle_timeout_s
     ):
         return Decision(0, f"idle for {policy.idle_timeout_s:g}s: scale to zero")

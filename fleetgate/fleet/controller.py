@@ -101,7 +101,13 @@ class Controller:
             ready=sum(1 for r in live if r.state is State.READY),
             inflight=g.inflight(),
             queued=g.waiters,
-            last_activity=max(g.last_activity, max((r.last_used for r in live), default=0.0)),
+            # Idle time counts from the last request or the last replica becoming ready,
+            # so a slow start isn't mistaken for idleness.
+            last_activity=max(
+                g.last_activity,
+                max((r.last_used for r in live), default=0.0),
+                max((r.ready_at or 0.0 for r in live), default=0.0),
+            ),
             demand=g.take_demand(),
             held_down=g.held_down,
         )

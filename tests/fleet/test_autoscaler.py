@@ -81,6 +81,8 @@ DECIDE = [
     ),
     ("idle past timeout scales to zero", obs_(current=2, ready=2, last_activity=600.0), P, 0),
     ("idle but not long enough", obs_(current=2, ready=2, last_activity=800.0), P, 2),
+    ("idle while starting waits for ready", obs_(current=1, ready=0, last_activity=0.0), P, 1),
+    ("idle with one of two starting", obs_(current=2, ready=1, last_activity=0.0), P, 2),
     ("idle timeout ignored with min 1", obs_(current=1, ready=1, last_activity=0.0), P1, 1),
     ("idle timeout off", obs_(current=1, ready=1, last_activity=0.0), NO_IDLE, 1),
     ("in flight is not idle", obs_(current=1, ready=1, inflight=1, last_activity=0.0), P, 1),
