@@ -192,6 +192,10 @@ class Pool:
     def wait_timeout(self, model: str) -> float:
         return self._group(model).policy.cold_start.wait_timeout_s
 
+    def keepalive_s(self, model: str) -> float:
+        """How often a streaming request waiting in ``wait`` mode gets an SSE comment."""
+        return self._group(model).policy.cold_start.keepalive_s
+
     async def wait_ready(self, model: str, timeout_s: float) -> None:
         """Return once ``model`` has a routable replica; raise Unavailable after ``timeout_s``."""
         g = self._group(model)

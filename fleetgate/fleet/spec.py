@@ -161,10 +161,15 @@ class ScalingPolicy(SpecModel):
 
 
 class ColdStartPolicy(SpecModel):
-    """What a request gets when no replica is ready: 503 + Retry-After now, or a wait."""
+    """What a request gets when no replica is ready: 503 + Retry-After now, or a wait.
+
+    In ``wait`` mode a streaming request gets an SSE comment every ``keepalive_s`` while it
+    waits, so proxies and clients with read timeouts don't give up on a silent connection.
+    """
 
     mode: Literal["reject", "wait"] = "reject"
     wait_timeout_s: float = Field(120.0, gt=0)
+    keepalive_s: float = Field(5.0, gt=0, le=300)
     retry_after_s: int | None = Field(None, ge=1, le=3600)
 
 
