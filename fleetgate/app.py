@@ -78,7 +78,6 @@ class Gateway:
         self.affinity_models = {
             m.name for m in settings.models if m.balancer.strategy == "prefix_affinity"
         }
-        self.keepalive_s = 5.0  # SSE comment interval while a streaming client waits
         created = int(time.time())
         for m in settings.models:
             h = {"Content-Type": "application/json"}

@@ -218,7 +218,7 @@ async def _wait_for_replica(
     wait = asyncio.ensure_future(gw.pool.wait_ready(model, gw.pool.wait_timeout(model)))
     try:
         while not gone.gone:
-            done, _ = await asyncio.wait({wait}, timeout=gw.keepalive_s)
+            done, _ = await asyncio.wait({wait}, timeout=gw.pool.keepalive_s(model))
             if done:
                 wait.result()  # raises Unavailable on timeout or failure
                 return
