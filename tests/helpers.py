@@ -12,6 +12,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fleetgate import config
+from fleetgate.app import Gateway
+from fleetgate.auth import keys as keyfmt
+from fleetgate.store import repo
 
 FLEETGATE = [sys.executable, "-c", "from fleetgate.cli.main import main; main()"]
 
@@ -91,3 +99,35 @@ def create_key(config: Path, name: str, *extra: str) -> str:
         text=True,
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+def settings_for(tmp: Path, upstream: str, **over: Any) -> config.Settings:
+    doc: dict[str, Any] = {
+        "auth": {"mode": "keys", "revocation_poll_s": 0.2},
+        "store": {"url": f"sqlite:///{tmp / 'fg.db'}"},
+        "server": {"max_body_bytes": 64 * 1024},
+        "models": [
+            {"name": "sim", "served_name": "upstream-name", "api_key": "upstream-secret-key",
+             "backend": {"type": "static", "urls": [upstream]}},
+            {"name": "other", "served_name": "upstream-name", "api_key": "upstream-secret-key",
+             "backend": {"type": "static", "urls": [upstream]}},
+        ],
+    }
+    for k, v in over.items():
+        doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) else v
+    return config.parse(doc)
+
+
+class GW:
+    """An in-process gateway with its lifespan run, plus an httpx client on ASGITransport."""
+
+    def __init__(self, app: Gateway, client: httpx.AsyncClient) -> None:
+        self.app = app
+        self.client = client
+
+    def key(self, name: str = "k", models: list[str] | None = None, **kw: Any) -> str:
+        k = keyfmt.generate()
+        repo.insert_key(self.app.engine, name=name, prefix=keyfmt.display_prefix(k),
+                        digest=keyfmt.digest(k), models=models, expires_at=kw.get("expires_at"),
+                        admin=kw.get("admin", False))
+        return k

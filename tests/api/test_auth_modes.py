@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from conftest import settings_for
+from helpers import settings_for
 
 from fleetgate.app import create_app
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import settings_for
-from helpers import free_port, sim
+from helpers import free_port, settings_for, sim
 
 from fleetgate.app import create_app
 
@@ -23,7 +22,7 @@ async def _gateway(tmp_path: Path, upstream: str, **over):
 async def _post(app, body, key=None, **kw):
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
-        from conftest import GW
+        from helpers import GW
 
         key = key or GW(app, c).key()
         return await c.post("/v1/chat/completions", json=body,
