@@ -89,6 +89,14 @@ class ModelSettings(_Model):
     balancer: BalancerPolicy = BalancerPolicy()
     restart: RestartPolicy = RestartPolicy()
 
+    @field_validator("api_key")
+    @classmethod
+    def _header_safe(cls, v: str | None) -> str | None:
+        # It goes into an HTTP header: no whitespace or control characters, so no injection.
+        if v is not None and (not v or any(c.isspace() or not c.isprintable() for c in v)):
+            raise ValueError("must be non-empty printable text without spaces or line breaks")
+        return v
+
     @property
     def upstream_name(self) -> str:
         return self.served_name or self.name

@@ -116,3 +116,8 @@ def test_settings_are_frozen():
 def test_example_config_is_valid():
     s = config.load(Path(__file__).parent.parent / "examples" / "static.yaml")
     assert s.model("demo") is not None
+
+
+def test_upstream_key_cannot_inject_headers():
+    p = problems({"models": [{"name": "m", "api_key": "abc\r\nX-Evil: 1", "backend": BACKEND}]})
+    assert p[0].startswith("models[0].api_key:")
