@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -48,7 +49,21 @@ def worker_app() -> object:
     """
     from fleetgate.app import create_app
 
-    return create_app(config_mod.load(os.environ[_WORKER_CONFIG_ENV]))
+    app = create_app(config_mod.load(os.environ[_WORKER_CONFIG_ENV]))
+    freeze_startup_objects()
+    return app
+
+
+def freeze_startup_objects() -> None:
+    """Move everything allocated so far (modules, settings, SQLAlchemy, pydantic) out of the
+    garbage collector's reach.
+
+    Without this, every full collection walks those objects while the event loop waits: under
+    load that showed as 30-80 ms stalls and a p99 of ~30 ms at 1,000 req/s; with it, ~2-3 ms
+    (docs/benchmarks.md). Objects created later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def check_workers(settings: config_mod.Settings, workers: int) -> None:
@@ -99,7 +114,9 @@ def run_server(
         log_level="info",
     )
     if workers == 1:
-        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        app = create_app(settings)
+        freeze_startup_objects()
+        uvicorn.run(app, **common)  # type: ignore[arg-type]
         return
     assert config_path is not None, "several workers load the config from its file"
     check_workers(settings, workers)
