@@ -17,7 +17,6 @@ One path runs at a time, each a fresh process, and every process is stopped on t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -57,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keys", type=int, default=None, help="scenario 6 key count (100,000)")
     ap.add_argument("--streams", type=int, default=None, help="scenario 4 streams (5,000)")
     ap.add_argument("--rate", type=float, default=1000.0, help="scenario 2 rate, req/s")
-    ap.add_argument("--fleetgate-args", default="",
-                    help="extra `fleetgate serve` arguments, e.g. '--workers 2'")
+    ap.add_argument("--fleetgate-args", default="--workers 2",
+                    help="extra `fleetgate serve` arguments (default: '--workers 2', one per "
+                    "core; scenario 1 also measures 1 worker, scenario 4 always uses 1 process)")
     ap.add_argument("--profile", action="store_true",
                     help="record a py-spy flame graph of FleetGate during scenario 1")
     ap.add_argument("--no-docs", action="store_true", help="don't rewrite docs/benchmarks.md")
@@ -140,6 +140,35 @@ def run_async(coro: Any) -> Any:
 # -- scenarios ----------------------------------------------------------------------------------
 
 
+def one_process(args: str) -> list[str]:
+    """``fleetgate serve`` arguments with any ``--workers N`` taken out (one process)."""
+    out, it = [], iter(args.split())
+    for x in it:
+        if x == "--workers":
+            next(it, None)
+        elif not x.startswith("--workers="):
+            out.append(x)
+    return out
+
+
+def s1_one_worker(a: argparse.Namespace, procs: Procs, work: Path, up: str,
+                  res: dict[str, Any]) -> None:
+    """Scenario 1 for a single FleetGate process, beside the default (N workers) run."""
+    run = paths.start("fleetgate", procs, up, work / "s1-1w",
+                      fleetgate_extra=one_process(a.fleetgate_args))
+    assert run.proc is not None
+    script = wrk.lua_script(work / "fleetgate-1w.lua", url_path=CHAT, body=upstream.REQUEST,
+                            key=run.key)
+    wrk.run(run.url, script, duration_s=a.warmup)
+    with Sampler(run.proc.pid) as smp:
+        r = wrk.run(run.url, script, duration_s=a.duration)
+    r["cpu_pct"] = 100 * smp.cpu_s / smp.wall_s
+    res.setdefault("s1", {})["fleetgate-1w"] = r
+    log(f"  s1 fleetgate, 1 worker: {r['rps']:,.0f} req/s p50 {r['p50_ms']:.2f} ms "
+        f"p99 {r['p99_ms']:.2f} ms non-2xx {r['non_2xx']}")
+    procs.stop(run.proc)
+
+
 def s1_s2(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[str, Any]) -> None:
     fg_extra = a.fleetgate_args.split()
     for name in a.path_list:
@@ -181,9 +210,11 @@ def s1_s2(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[st
                 f"p99 {r2.summary()['p99_ms']:.2f} ms at {r2.achieved_rps:.0f} req/s")
         if run.proc is not None:
             procs.stop(run.proc)
+        if name == "fleetgate" and 1 in a.scenarios and one_process(a.fleetgate_args) != fg_extra:
+            s1_one_worker(a, procs, work, up, res)
     direct = res.get("s2", {}).get("direct")
     if direct:
-        for name, r in res["s2"].items():
+        for r in res["s2"].values():
             r["added_p50_ms"] = r["p50_ms"] - direct["p50_ms"]
             r["added_p99_ms"] = r["p99_ms"] - direct["p99_ms"]
 
@@ -222,7 +253,7 @@ def s4(a: argparse.Namespace, procs: Procs, work: Path, res: dict[str, Any]) -> 
     sim = start_sim(procs, "sim-s4", "--ttft-ms", "2000", "--tokens-per-s", "1")
     cfg = paths.fleetgate_config(work / "s4", sim, upstream_max_connections=n + 100)
     run = paths.start_fleetgate(procs, cfg, paths.create_key(cfg), name="fleetgate-s4",
-                                extra=a.fleetgate_args.split())
+                                extra=one_process(a.fleetgate_args))
     tgt = loadgen.Target(run.host, run.port, CHAT, stream_body(12), run.headers())
     ramp = 5.0 if n >= 2000 else 1.0
     assert run.proc is not None
@@ -311,9 +342,10 @@ def main(argv: list[str] | None = None) -> None:
         log(f"open-file limit {nofile} is low for {a.streams} streams")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = RESULTS / f"run-{stamp}"
-    for sub in ("", "s3", "s4", "s5", "s6"):
+    for sub in ("", "s1-1w", "s3", "s4", "s5", "s6"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"meta": {**machine(), "argv": sys.argv[1:] if argv is None else argv}}
+    res: dict[str, Any] = {"meta": {**machine(), "argv": sys.argv[1:] if argv is None else argv,
+                                    "fleetgate_args": a.fleetgate_args}}
     log(f"logs and results in {work}")
 
     procs = Procs(work)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -181,7 +182,7 @@ def percentile(values: Sequence[float], p: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
     return s[k]
 
 
@@ -251,7 +252,7 @@ async def open_loop(
                 opened += 1
                 conn = await HttpConn.open(target.host, target.port)
             resp = await asyncio.wait_for(conn.request(req), timeout_s)
-        except (OSError, TimeoutError, asyncio.TimeoutError):
+        except (OSError, TimeoutError):
             if i >= n_warm:
                 errors += 1
             if conn is not None:
@@ -361,7 +362,7 @@ async def stream_load(
                 if conn is None or conn.closed:
                     conn = await HttpConn.open(target.host, target.port)
                 r = await asyncio.wait_for(conn.request(req, track_events=True), timeout_s)
-            except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+            except (OSError, TimeoutError) as e:
                 fail(type(e).__name__)
                 if conn is not None:
                     conn.close()

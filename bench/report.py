@@ -60,8 +60,10 @@ def rows(results: Results) -> list[list[str]]:
     out: list[list[str]] = []
 
     def per_path(label: str, scen: str, metric: str, *, higher: bool = True,
-                 bar: str = "", ok: bool | None = None) -> None:
-        vals = {p: _get(results, scen, p, metric) for p in PATHS}
+                 bar: str = "", ok: bool | None = None, fg: str = "fleetgate") -> None:
+        vals = {p: _get(results, scen, fg if p == "fleetgate" else p, metric) for p in PATHS}
+        if fg != "fleetgate":
+            vals["direct"] = None
         fg = vals["fleetgate"]
         ratios = [_ratio(fg, vals[peer], higher) for peer in PEERS]
         out.append([label, *(_fmt(vals[p]) for p in PATHS), *ratios, bar, _verdict(ok)])
@@ -79,6 +81,8 @@ def rows(results: Results) -> list[list[str]]:
             ok = (router is None or fg1 >= 0.5 * router) and (lite is None or fg1 >= 25 * lite)
         per_path("1 throughput, req/s (32 conns)", "s1", "rps",
                  bar=">= 0.5x router, >= 25x LiteLLM", ok=ok)
+        if _get(results, "s1", "fleetgate-1w", "rps") is not None:
+            per_path("1 throughput, FleetGate 1 worker", "s1", "rps", fg="fleetgate-1w")
         per_path("1 p50 ms", "s1", "p50_ms", higher=False)
         per_path("1 p99 ms", "s1", "p99_ms", higher=False)
         per_path("1 path CPU, % of one core", "s1", "cpu_pct", higher=False)
