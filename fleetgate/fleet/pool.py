@@ -28,7 +28,7 @@ from fleetgate.fleet.group import ModelGroup
 from fleetgate.fleet.health import Prober
 from fleetgate.fleet.launchers import LAUNCHERS, Launcher
 from fleetgate.fleet.launchers.local import config_digest
-from fleetgate.fleet.replica import Replica, State
+from fleetgate.fleet.replica import TERMINAL, Replica, State
 from fleetgate.fleet.spec import LocalBackend, policy_of, retry_after_estimate
 
 log = logging.getLogger("fleetgate.fleet")
@@ -241,9 +241,15 @@ class Pool:
         return self.model_status(model)
 
     def model_status(self, model: str) -> str:
+        """``healthy``, ``starting``, ``pending``, ``failed``, ``stopping`` or ``stopped``.
+
+        Replicas asked to stop (draining, or about to) don't make a model healthy: right after
+        ``down`` or a scale to zero the answer is ``stopping`` until their processes are gone.
+        """
         g = self._group(model)
-        states = {r.state for r in g.replicas if r.active}
-        if g.routable:
+        active = [r for r in g.replicas if r.active]
+        states = {r.state for r in active}
+        if any(r.routable for r in active):
             return "healthy"
         if State.STARTING in states:
             return "starting"
@@ -251,4 +257,6 @@ class Pool:
             return "failed"
         if states or g.demand_at is not None:
             return "pending"
+        if any(r.state not in TERMINAL for r in g.replicas):
+            return "stopping"
         return "stopped"
