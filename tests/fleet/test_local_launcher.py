@@ -29,7 +29,7 @@ pytestmark = pytest.mark.asyncio
 
 def backend(tmp: Path, command: list[str] | str, **over: Any) -> LocalBackend:
     doc = {"type": "local", "command": command, "log_dir": str(tmp / "logs"), "stop_grace_s": 2}
-    b = TypeAdapter(Backend).validate_python({**doc, **over})
+    b: object = TypeAdapter(Backend).validate_python({**doc, **over})
     assert isinstance(b, LocalBackend)
     return b
 

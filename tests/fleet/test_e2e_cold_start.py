@@ -1,0 +1,145 @@
+"""Cold starts end to end: `fleetgate serve` launching `fleetgate sim` replicas on demand, driven
+with the official `openai` client. One launch however many requests arrive; `reject` mode
+answered by the client's own retries, `wait` mode held (streams with SSE keep-alives); idle
+scale-to-zero and back."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from e2e import Fleet, pid_alive, sim_model, until
+from openai.types.chat import ChatCompletionMessageParam
+
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+
+
+def launches(fleet: Fleet, model: str) -> int:
+    """Replica log files: one per replica the local launcher started (a restart appends)."""
+    return len(list((fleet.log_dir / model).glob("*.log")))
+
+
+def test_fifty_cold_requests_one_launch_all_answered_by_client_retries(fleet: Fleet) -> None:
+    doc = fleet.config(
+        [
+            sim_model(
+                fleet.tmp,
+                "m",
+                "--startup-delay-s",
+                "1",
+                cold_start={"mode": "reject", "retry_after_s": 1},
+            )
+        ]
+    )
+    gw = fleet.gateway(doc)
+    client = gw.client(max_retries=15)
+
+    def one(_: int) -> tuple[int, str]:
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=HI, max_tokens=3)
+        return raw.retries_taken, raw.parse().choices[0].message.content or ""
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    assert all(text for _, text in results)
+    assert all(retries >= 1 for retries, _ in results)  # each was turned away with a 503 first
+    assert launches(fleet, "m") == 1
+    metrics = gw.metrics()
+    assert 'fleetgate_launches_total{model="m"} 1' in metrics
+    st = gw.status("m")
+    assert st["launches"] == 1 and st["status"] == "healthy"
+    assert [r["state"] for r in st["replicas"]] == ["ready"]
+    assert st["replicas"][0]["served"] == 50
+
+
+def test_wait_mode_holds_requests_and_keeps_streams_alive(fleet: Fleet) -> None:
+    doc = fleet.config(
+        [
+            sim_model(
+                fleet.tmp,
+                "w",
+                "--startup-delay-s",
+                "1.5",
+                cold_start={"mode": "wait", "wait_timeout_s": 30, "keepalive_s": 0.3},
+            )
+        ]
+    )
+    gw = fleet.gateway(doc)
+    client = gw.client()  # no retries: a held request must simply succeed
+
+    def plain(_: int) -> str:
+        out = client.chat.completions.create(model="w", messages=HI, max_tokens=3)
+        return out.choices[0].message.content or ""
+
+    def raw_stream() -> list[tuple[float, str]]:
+        """Every SSE line the client sees, with when it arrived."""
+        t0 = time.monotonic()
+        lines = []
+        body = {"model": "w", "messages": HI, "max_tokens": 4, "stream": True}
+        headers = {"authorization": f"Bearer {gw.user_key}"}
+        with httpx.stream(
+            "POST", f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+        ) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line:
+                    lines.append((time.monotonic() - t0, line))
+        return lines
+
+    def sdk_stream() -> str:
+        chunks = client.chat.completions.create(model="w", messages=HI, max_tokens=4, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(22) as pool:
+        raw = pool.submit(raw_stream)
+        sdk = pool.submit(sdk_stream)
+        plains = list(pool.map(plain, range(20)))
+        lines, text = raw.result(), sdk.result()
+
+    assert all(plains) and text
+    comments = [(t, ln) for t, ln in lines if ln.startswith(":")]
+    data = [(t, ln) for t, ln in lines if ln.startswith("data:")]
+    assert len(comments) >= 3, lines
+    assert comments[0][1] == ": waiting for the model to start"
+    assert comments[0][0] < 1.0  # the first keep-alive comes long before the model is up
+    assert comments[-1][0] < data[0][0]  # keep-alives while waiting, then the real stream
+    assert data[-1][1] == "data: [DONE]" and len(data) >= 3
+    assert launches(fleet, "w") == 1
+    assert gw.status("w")["launches"] == 1
+
+
+def test_idle_model_scales_to_zero_and_comes_back(fleet: Fleet) -> None:
+    doc = fleet.config(
+        [
+            sim_model(
+                fleet.tmp,
+                "i",
+                scaling={"min_replicas": 0, "idle_timeout_s": 1},
+                cold_start={"mode": "wait", "wait_timeout_s": 30},
+            )
+        ]
+    )
+    gw = fleet.gateway(doc)
+    client = gw.client()
+    assert gw.status("i")["status"] == "stopped" and launches(fleet, "i") == 0
+    assert client.completions.create(model="i", prompt="x", max_tokens=2).choices[0].text
+    first = gw.replicas("i", "ready")[0]
+    assert pid_alive(first["pid"])
+
+    def idle_stopped() -> dict[str, Any] | None:
+        st = gw.status("i")
+        return st if st["status"] == "stopped" else None
+
+    st = until(idle_stopped, 10, "scaled to zero")
+    rep = st["replicas"][0]
+    assert rep["id"] == first["id"] and rep["state"] == "stopped"
+    assert [e["state"] for e in rep["events"]][-2:] == ["draining", "stopped"]
+    assert rep["reason"] == "idle for 1s: scale to zero"
+    until(lambda: not pid_alive(first["pid"]), 5, "the process is gone")
+    assert 'fleetgate_replicas{model="i",state="ready"} 0' in gw.metrics()
+
+    assert client.completions.create(model="i", prompt="x", max_tokens=2).choices[0].text
+    assert launches(fleet, "i") == 2
+    assert gw.status("i")["launches"] == 2
