@@ -11,6 +11,16 @@ PY="${PYTHON:-python3}"
 echo "== installing FleetGate and its test dependencies"
 "$PY" -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
+echo "== installing PostgreSQL (server) for the store tests, if missing"
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "PostgreSQL is not installed; install it (apt-get install postgresql)" >&2
+        exit 1
+    fi
+fi
+
 echo "== installing vLLM (CPU build) for the real tier, in its own virtualenv"
 bash scripts/install-vllm.sh
 

@@ -17,6 +17,8 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 
 def open_engine(url: str) -> Engine:
     u = make_url(url)
+    if u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")  # psycopg 3, the `postgres` extra
     kwargs: dict[str, Any] = {"future": True}
     if u.get_backend_name() == "sqlite":
         db = u.database
