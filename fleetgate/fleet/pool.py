@@ -176,11 +176,18 @@ class Pool:
     def _unavailable(self, g: ModelGroup) -> Unavailable:
         policy = g.policy.cold_start
         if g.failed_now():
+            # The first line only: the log tail below it is for admins (fleet status).
+            why = g.last_failure.splitlines()[0].removesuffix("; log tail:")[:300]
             return Unavailable(
-                f"The model '{g.name}' failed to start: {g.last_failure.splitlines()[0][:300]}",
+                f"The model '{g.name}' failed to start: {why}",
                 retry_after=retry_after_estimate(policy, 30.0),
             )
         g.demand()
+        if g.backend_type == "static":
+            return Unavailable(
+                f"The model '{g.name}' has no backend answering its health check; retry shortly.",
+                retry_after=retry_after_estimate(policy, None),
+            )
         return Unavailable(
             f"The model '{g.name}' is starting; retry shortly.",
             retry_after=retry_after_estimate(policy, g.starting_eta()),
