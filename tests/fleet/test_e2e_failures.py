@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import openai
 import pytest
@@ -78,15 +79,12 @@ def test_scales_up_under_load_and_back_down_without_a_failed_request(fleet: Flee
         for _ in range(7):
             pool.submit(load.worker, busy.is_set)
         try:
-            both = until(
-                lambda: (
-                    len(rs := gw.replicas("m", "ready")) == 2
-                    and all(r["served"] > 0 for r in rs)
-                    and rs
-                ),
-                20,
-                "scaled up to two replicas, both serving",
-            )
+
+            def both_serving() -> list[dict[str, Any]] | None:
+                rs = gw.replicas("m", "ready")
+                return rs if len(rs) == 2 and all(r["served"] > 0 for r in rs) else None
+
+            both = until(both_serving, 20, "scaled up to two replicas, both serving")
             busy.clear()  # 8 in flight -> 1: fits in one replica
             st = until(
                 lambda: (
