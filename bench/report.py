@@ -35,6 +35,8 @@ def _fmt(v: Any) -> str:
         return "yes" if v else "no"
     if isinstance(v, str):
         return v
+    if isinstance(v, int):
+        return f"{v:,}"
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     if abs(v) >= 100:
@@ -86,6 +88,7 @@ def rows(results: Results) -> list[list[str]]:
         per_path("1 p50 ms", "s1", "p50_ms", higher=False)
         per_path("1 p99 ms", "s1", "p99_ms", higher=False)
         per_path("1 path CPU, % of one core", "s1", "cpu_pct", higher=False)
+        per_path("1 errors (non-2xx + socket)", "s1", "errors", higher=False)
     s2 = results.get("s2") or {}
     if s2:
         per_path("2 p50 ms @ 1000 req/s", "s2", "p50_ms", higher=False)

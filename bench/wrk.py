@@ -96,4 +96,5 @@ def run(url: str, script: Path, *, duration_s: float, connections: int = 32,
         "max_ms": raw["max_us"] / 1000,
         "non_2xx": raw["status"],
         "socket_errors": errors,
+        "errors": raw["status"] + errors,
     }
