@@ -152,14 +152,21 @@ class Gateway:
 
     # --- ending --------------------------------------------------------------------------------
 
-    def terminate(self, timeout_s: float = 30) -> int:
-        """SIGTERM (what a service manager sends) and wait for a clean exit."""
+    def terminate(self, timeout_s: float = 30) -> str:
+        """SIGTERM (what a service manager sends) and wait: ``"clean"`` after a graceful
+        shutdown, else what happened."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout_s)
+            return self.exit_status(self.proc.wait(timeout=timeout_s))
         finally:
             self._log.close()
+
+    def exit_status(self, rc: int) -> str:
+        # uvicorn re-raises the SIGTERM it handled once its shutdown is complete.
+        if rc in (0, -signal.SIGTERM) and "Application shutdown complete." in self.log(5):
+            return "clean"
+        return f"exit status {rc}:\n{self.log()}"
 
     def kill(self) -> None:
         """SIGKILL: the gateway dies without any clean-up, as in a crash."""
