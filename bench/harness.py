@@ -189,7 +189,8 @@ def s1_s2(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[st
                 prof = subprocess.Popen(
                     [str(paths.VENVS / "bench" / "bin" / "py-spy"), "record", "-p", str(pid),
                      "-d", str(int(a.duration)), "-o", str(work / "profile-s1.svg"),
-                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     "--nonblocking", "--subprocesses"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
             if pid:
                 with Sampler(pid) as smp:
                     r = wrk.run(run.url, script, duration_s=a.duration)
@@ -287,8 +288,13 @@ def s5(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[str, 
     t0 = time.monotonic()
     # Bound in time as well as count: at 500 req/s even a slow path finishes its slices.
     deadline = t0 + max(120.0, total / 500)
+    rate = 0.0
     while done < total and time.monotonic() < deadline:
-        r = wrk.run(run.url, script, duration_s=a.soak_slice)
+        slice_s = a.soak_slice
+        if rss_cp is None and rate:  # land close to the checkpoint rather than far past it
+            slice_s = min(slice_s, max(1.0, (checkpoint - done) / rate))
+        r = wrk.run(run.url, script, duration_s=slice_s)
+        rate = r["rps"]
         done += r["requests"]
         errors += r["non_2xx"] + r["socket_errors"]
         rss = rss_bytes(run.proc.pid) / MB
