@@ -5,6 +5,7 @@ scale-to-zero and back."""
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -92,11 +93,18 @@ def test_wait_mode_holds_requests_and_keeps_streams_alive(fleet: Fleet) -> None:
         chunks = client.chat.completions.create(model="w", messages=HI, max_tokens=4, stream=True)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
+    def queued() -> int:
+        m = re.search(r'^fleetgate_model_queue_length\{model="w"\} (\d+)$', gw.metrics(), re.M)
+        return int(m[1]) if m else 0
+
     with ThreadPoolExecutor(22) as pool:
         raw = pool.submit(raw_stream)
         sdk = pool.submit(sdk_stream)
-        plains = list(pool.map(plain, range(20)))
+        plain_results = pool.map(plain, range(20))
+        until(lambda: queued() == 22, 5, "all 22 requests counted as waiting")
+        plains = list(plain_results)
         lines, text = raw.result(), sdk.result()
+    assert queued() == 0
 
     assert all(plains) and text
     comments = [(t, ln) for t, ln in lines if ln.startswith(":")]
