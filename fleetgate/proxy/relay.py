@@ -274,6 +274,7 @@ class _Pool:
         self.limit = limit
         self.connect_timeout_s = connect_timeout_s
         self.active = 0
+        self.closed = False
         self.idle: dict[Key, list[_Conn]] = {}
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
@@ -310,7 +311,7 @@ class _Pool:
     def release(self, conn: _Conn, reuse: bool) -> None:
         self.active -= 1
         conn.resp = None
-        if reuse and not conn.lost:
+        if reuse and not conn.lost and not self.closed:
             self.idle.setdefault(conn.key, []).append(conn)
         else:
             conn.abort()
@@ -324,6 +325,7 @@ class _Pool:
                 return
 
     def close(self) -> None:
+        self.closed = True
         for stack in self.idle.values():
             for c in stack:
                 c.abort()
