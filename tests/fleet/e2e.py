@@ -73,14 +73,6 @@ def tagged_pids(tag: str) -> list[int]:
     return out
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
-
-
 def sim_model(tmp: Path, name: str, *sim_args: str, **policy: Any) -> dict[str, Any]:
     """A model whose engine is `fleetgate sim` started by the local launcher."""
     backend = policy.pop("backend", {})

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-from e2e import Fleet, pid_alive, sim_model, until
+from e2e import Fleet, sim_model, until
+from fleet_helpers import pid_running
 from openai.types.chat import ChatCompletionMessageParam
 
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
@@ -134,7 +135,7 @@ def test_idle_model_scales_to_zero_and_comes_back(fleet: Fleet) -> None:
     assert gw.status("i")["status"] == "stopped" and launches(fleet, "i") == 0
     assert client.completions.create(model="i", prompt="x", max_tokens=2).choices[0].text
     first = gw.replicas("i", "ready")[0]
-    assert pid_alive(first["pid"])
+    assert pid_running(first["pid"])
 
     def idle_stopped() -> dict[str, Any] | None:
         st = gw.status("i")
@@ -145,7 +146,7 @@ def test_idle_model_scales_to_zero_and_comes_back(fleet: Fleet) -> None:
     assert rep["id"] == first["id"] and rep["state"] == "stopped"
     assert [e["state"] for e in rep["events"]][-2:] == ["draining", "stopped"]
     assert rep["reason"] == "idle for 1s: scale to zero"
-    until(lambda: not pid_alive(first["pid"]), 5, "the process is gone")
+    until(lambda: not pid_running(first["pid"]), 5, "the process is gone")
     assert 'fleetgate_replicas{model="i",state="ready"} 0' in gw.metrics()
 
     assert client.completions.create(model="i", prompt="x", max_tokens=2).choices[0].text

@@ -15,7 +15,8 @@ from typing import Any
 
 import openai
 import pytest
-from e2e import FLEETGATE, Fleet, Gateway, pid_alive, sim_model, until
+from e2e import FLEETGATE, Fleet, Gateway, sim_model, until
+from fleet_helpers import pid_running
 from openai.types.chat import ChatCompletionMessageParam
 
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
@@ -38,7 +39,7 @@ def test_restart_adopts_kept_replicas_and_on_leftover_stop_cleans_them_up(fleet:
     ask(first)
     (rep,) = first.replicas("m", "ready")
     assert first.terminate() == "clean"
-    assert pid_alive(rep["pid"])  # kept running through a clean shutdown
+    assert pid_running(rep["pid"])  # kept running through a clean shutdown
     assert records(fleet) == [f"{rep['id']}.json"]
 
     second = fleet.gateway(doc)  # same config: adopt it
@@ -50,10 +51,10 @@ def test_restart_adopts_kept_replicas_and_on_leftover_stop_cleans_them_up(fleet:
     assert st["launches"] == 0 and st["last_cold_start_s"] is None
     assert len(list((fleet.log_dir / "m").glob("*.log"))) == 1
     assert second.terminate() == "clean"
-    assert pid_alive(rep["pid"])
+    assert pid_running(rep["pid"])
 
     third = fleet.gateway(fleet.config([model], fleet={"on_leftover": "stop"}))
-    until(lambda: not pid_alive(rep["pid"]), 10, "the leftover is stopped")
+    until(lambda: not pid_running(rep["pid"]), 10, "the leftover is stopped")
     assert third.status("m")["replicas"] == [] and records(fleet) == []
     assert f"stopping leftover replica {rep['id']} of m: fleet.on_leftover is 'stop'" in third.log()
     assert third.terminate() == "clean"
@@ -64,14 +65,14 @@ def test_a_crashed_gateway_leaks_nothing_the_next_one_adopts_and_stops(fleet: Fl
     first = fleet.gateway(doc)
     (rep,) = until(lambda: first.replicas("m", "ready"), 15, "min_replicas up")
     first.kill()  # SIGKILL: no clean-up at all
-    assert pid_alive(rep["pid"]) and records(fleet) == [f"{rep['id']}.json"]
+    assert pid_running(rep["pid"]) and records(fleet) == [f"{rep['id']}.json"]
 
     second = fleet.gateway(doc)
     (adopted,) = until(lambda: second.replicas("m", "ready"), 10, "adopted")
     assert adopted["pid"] == rep["pid"] and second.status("m")["launches"] == 0
     ask(second)
     assert second.terminate() == "clean"  # not keep_on_shutdown: it stops what it adopted
-    assert not pid_alive(rep["pid"]) and records(fleet) == []
+    assert not pid_running(rep["pid"]) and records(fleet) == []
 
 
 def cli(gw: Gateway, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -132,7 +133,7 @@ def test_cli_up_wait_status_and_down_against_a_real_gateway(fleet: Fleet) -> Non
     out = cli(gw, "down", "m")
     assert out.returncode == 0 and out.stdout.strip() == "m: stopping"
     until(lambda: gw.status("m")["status"] == "stopped", 10, "stopped")
-    assert not pid_alive(rep["pid"])
+    assert not pid_running(rep["pid"])
     (row,) = cli(gw, "status").stdout.splitlines()[1:]
     assert row.split()[:4] == ["m", "stopped", rep["id"], "stopped"]
     assert row.rstrip().endswith("fleet down")
@@ -221,7 +222,7 @@ def test_sigterm_lets_a_stream_finish_then_stops_the_replicas(fleet: Fleet) -> N
     time.sleep(0.5)
     with pytest.raises(openai.APIConnectionError):  # no new requests once shutting down
         gw.client().completions.create(model="m", prompt="x", max_tokens=1)
-    assert pid_alive(rep["pid"])  # the replica serves the stream until it ends
+    assert pid_running(rep["pid"])  # the replica serves the stream until it ends
     reader.join(20)
     assert done.is_set()
     assert got[-1].choices[0].finish_reason == "length"
@@ -229,5 +230,5 @@ def test_sigterm_lets_a_stream_finish_then_stops_the_replicas(fleet: Fleet) -> N
     assert len(text.split()) == 40  # every token arrived
     assert gw.exit_status(gw.proc.wait(20)) == "clean"
     assert time.monotonic() - sent < 12
-    assert not pid_alive(rep["pid"]) and records(fleet) == []
+    assert not pid_running(rep["pid"]) and records(fleet) == []
     assert "gateway shutting down" in gw.log(200)

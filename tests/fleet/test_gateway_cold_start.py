@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from e2e import Fleet, pid_alive, sim_model
+from e2e import Fleet, sim_model
+from fleet_helpers import pid_running
 
 
 def test_openai_client_gets_a_completion_from_a_cold_model(fleet: Fleet) -> None:
@@ -25,8 +26,8 @@ def test_openai_client_gets_a_completion_from_a_cold_model(fleet: Fleet) -> None
     )
     assert out.choices[0].message.content
     (rep,) = gw.replicas("cold")
-    assert rep["state"] == "ready" and pid_alive(rep["pid"])
+    assert rep["state"] == "ready" and pid_running(rep["pid"])
     assert len(list((fleet.state_dir / "local").glob("*.json"))) == 1  # one replica launched
     assert gw.terminate() == "clean"
-    assert not pid_alive(rep["pid"])  # the gateway stopped the replica it launched
+    assert not pid_running(rep["pid"])  # the gateway stopped the replica it launched
     assert list((fleet.state_dir / "local").glob("*.json")) == []

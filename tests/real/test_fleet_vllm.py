@@ -34,6 +34,8 @@ import httpx
 import openai
 import pytest
 
+from fleetgate.fleet.launchers.local import processes
+
 pytestmark = pytest.mark.real
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,18 +53,7 @@ def _free_port() -> int:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (d / "stat").read_text()
-                fields = stat[stat.rfind(")") + 2 :].split()
-                if fields[0] != "Z" and int(fields[2]) == pgid:
-                    return True
-    return False
+    return any(pgrp == pgid and state != "Z" for _, state, _, pgrp in processes())
 
 
 def _config(work: Path, port: int, vllm_python: Path, model_dir: Path) -> dict[str, Any]:
