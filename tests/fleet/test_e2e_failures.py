@@ -217,10 +217,20 @@ def test_crash_loop_ends_failed_with_reason_and_a_clear_503(fleet: Fleet) -> Non
     assert r.json()["models"][0]["status"] == "failed" and "CUDA" not in r.text
     assert 'fleetgate_replica_failures_total{model="crashy",kind="crash_loop"} 1' in gw.metrics()
 
-    # A request held in wait mode gets its 503 when the loop ends, not at wait_timeout_s.
+    # Requests held in wait mode get their answer when the loop ends, not at wait_timeout_s: a
+    # 503, or for a stream (whose 200 and SSE head went out at once) a final error event.
+    def held_stream() -> str:
+        stream = client.completions.create(model="crashy-wait", prompt="x", stream=True)
+        with pytest.raises(openai.APIError) as cut:
+            list(stream)
+        return cut.value.message
+
     t0 = time.monotonic()
-    with pytest.raises(openai.APIStatusError, match="failed to start: crash loop") as held:
-        client.completions.create(model="crashy-wait", prompt="x")
+    with ThreadPoolExecutor(1) as pool:
+        streamed = pool.submit(held_stream)
+        with pytest.raises(openai.APIStatusError, match="failed to start: crash loop") as held:
+            client.completions.create(model="crashy-wait", prompt="x")
+        assert streamed.result(30).startswith("The model 'crashy-wait' failed to start")
     assert held.value.status_code == 503 and time.monotonic() - t0 < 20
 
 
