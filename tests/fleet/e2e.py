@@ -26,22 +26,16 @@ from typing import IO, Any, TypeVar
 import httpx
 import openai
 from fleet_helpers import local_backend
+from helpers import free_port
 
 from fleetgate.auth import keys as keyfmt
+from fleetgate.fleet.launchers.local import processes
 from fleetgate.store import repo
 from fleetgate.store.db import migrate, open_engine
 
 FLEETGATE = [sys.executable, "-c", "from fleetgate.cli.main import main; main()"]
 TAG_VAR = "FLEETGATE_TEST_TAG"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def until(pred: Callable[[], T | None], timeout_s: float, what: str, every_s: float = 0.05) -> T:
@@ -60,16 +54,13 @@ def tagged_pids(tag: str) -> list[int]:
     """Live (non-zombie) processes whose environment carries this test's tag."""
     needle = f"{TAG_VAR}={tag}".encode()
     out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for pid, state, _, _ in processes():
         try:
-            env = (d / "environ").read_bytes()
-            stat = (d / "stat").read_text()
+            env = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        if needle in env.split(b"\0") and stat[stat.rfind(")") + 2 :].split()[0] != "Z":
-            out.append(int(d.name))
+        if state != "Z" and needle in env.split(b"\0"):
+            out.append(pid)
     return out
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import openai
 import pytest
-from e2e import Fleet, free_port, sim_model, until
+from e2e import Fleet, sim_model, until
+from helpers import free_port
 from openai.types.chat import ChatCompletionMessageParam
 
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
