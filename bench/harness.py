@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="record a py-spy flame graph of FleetGate during scenario 1")
     ap.add_argument("--no-docs", action="store_true", help="don't rewrite docs/benchmarks.md")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="run nothing: print the table of a saved run and rewrite the docs "
+                    "section and plot from it (e.g. bench/results/latest.json)")
     ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     q = a.quick
@@ -111,7 +114,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "git": git,
-        "wrk": version([shutil.which("wrk") or "wrk", "-v"]).split(" [")[0],
+        "wrk": version([shutil.which("wrk") or "wrk", "-v"]).split(" [")[0].removeprefix("wrk "),
         "nginx": version([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]).split("/")[-1],
     }
 
@@ -291,8 +294,8 @@ def s5(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[str, 
     rate = 0.0
     while done < total and time.monotonic() < deadline:
         slice_s = a.soak_slice
-        if rss_cp is None and rate:  # land close to the checkpoint rather than far past it
-            slice_s = min(slice_s, max(1.0, (checkpoint - done) / rate))
+        if rss_cp is None:  # land close to the checkpoint rather than far past it
+            slice_s = min(slice_s, max(1.0, (checkpoint - done) / rate) if rate else 1.0)
         r = wrk.run(run.url, script, duration_s=slice_s)
         rate = r["rps"]
         done += r["requests"]
@@ -341,8 +344,20 @@ def s6(a: argparse.Namespace, procs: Procs, work: Path, up: str, res: dict[str, 
 # -- main ------------------------------------------------------------------------------------------
 
 
+def render(path: str, docs: bool) -> None:
+    res = json.loads(Path(path).read_text())
+    print(report.text_table(res))
+    if docs:
+        png = report.plot(res, PNG)
+        report.write_docs(res, DOC, PNG.name if png else None)
+        log(f"wrote {DOC.relative_to(ROOT)}" + (f" and {PNG.relative_to(ROOT)}" if png else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    if a.render:
+        render(a.render, docs=not a.no_docs)
+        return
     nofile = raise_nofile()
     if 4 in a.scenarios and nofile < 3 * a.streams + 1000:
         log(f"open-file limit {nofile} is low for {a.streams} streams")
@@ -383,8 +398,4 @@ def main(argv: list[str] | None = None) -> None:
         (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
         shutil.copy(work / "results.json", RESULTS / "latest.json")
 
-    print(report.text_table(res))
-    if not a.quick and not a.no_docs:
-        png = report.plot(res, PNG)
-        report.write_docs(res, DOC, PNG.name if png else None)
-        log(f"wrote {DOC.relative_to(ROOT)}" + (f" and {PNG.relative_to(ROOT)}" if png else ""))
+    render(str(work / "results.json"), docs=not a.quick and not a.no_docs)

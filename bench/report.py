@@ -185,8 +185,8 @@ def results_section(results: Results, png_name: str | None) -> str:
     m = results.get("meta", {})
     parts = [
         START,
-        f"Run on {m.get('date', '?')} with `bench/run {' '.join(m.get('argv', []))}`".rstrip()
-        + f" (FleetGate at {m.get('git', '?')}).",
+        f"Run on {m.get('date', '?')} with `{' '.join(['bench/run', *m.get('argv', [])])}` "
+        f"(FleetGate at {m.get('git', '?')}, `fleetgate serve {m.get('fleetgate_args', '')}`).",
         "",
         f"Machine: {m.get('nproc', '?')} cores ({m.get('cpu', '?')}), "
         f"{m.get('mem_gb', '?')} GB memory, {m.get('kernel', '?')}, Python {m.get('python', '?')}; "
