@@ -103,6 +103,12 @@ class Gateway:
 
     async def startup(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
+        if self.settings.auth.mode == "keys":
+            try:
+                n = await self.authn.reload()
+                log.info("loaded %d active keys", n)
+            except Exception as e:  # the refresher retries; until then requests fail closed
+                log.warning("could not load keys at start-up: %s", type(e).__name__)
         await self.upstream.start()
         await self.pool.start()
         self._tasks = [

@@ -1,8 +1,10 @@
 """Authentication: from an ``Authorization`` header to a :class:`Principal`.
 
-The request path calls :meth:`Authenticator.authenticate`. In ``keys`` mode a verified key is
-served from an in-memory cache; only a miss reaches the store, in a worker thread. A control-plane
-task (:meth:`Authenticator.run_refresher`) polls the store for changed keys every
+The request path calls :meth:`Authenticator.authenticate`. In ``keys`` mode every active key is
+held in memory: the control plane loads them all at start-up and again every
+``auth.cache_ttl_s``, so a request never waits on the store for a key that existed then. Only a
+key created since the last load is looked up, once, in a worker thread. A control-plane task
+(:meth:`Authenticator.run_refresher`) polls the store for changed keys every
 ``auth.revocation_poll_s`` and evicts them, so a revocation takes effect within about that long.
 If that poll keeps failing, the store is treated as unreadable and every request is refused
 (fail closed) until it succeeds again. ``last used`` times are collected in memory and written in
@@ -73,6 +75,7 @@ class Authenticator:
         self._last_used: dict[int, dt.datetime] = {}
         self._poll_ok_at = time.monotonic()
         self._poll_since = repo.utcnow()
+        self._loaded_at = -float("inf")
         # Past this many seconds without a good poll the store counts as unreadable.
         self._stale_after = max(5.0, 5 * settings.revocation_poll_s)
 
@@ -106,7 +109,8 @@ class Authenticator:
         d = keys.digest(token)
         now = time.time()
         entry = self._cache.get(d)
-        if entry is None or now - entry.cached_at > self.settings.cache_ttl_s:
+        # The whole cache is reloaded every cache_ttl_s; an entry twice that old missed a reload.
+        if entry is None or now - entry.cached_at > 2 * self.settings.cache_ttl_s:
             if d in self._negative and now - self._negative[d] < self.settings.cache_ttl_s:
                 raise _invalid(token)
             entry = await self._load(d, token, now)
@@ -118,6 +122,31 @@ class Authenticator:
         if p.key_id is not None:
             self._last_used[p.key_id] = dt.datetime.fromtimestamp(now, dt.UTC).replace(tzinfo=None)
         return p
+
+    @staticmethod
+    def _entry(rec: repo.KeyRecord, now: float) -> _Entry:
+        exp = rec.expires_at.replace(tzinfo=dt.UTC).timestamp() if rec.expires_at else None
+        principal = Principal(
+            name=rec.name,
+            key_id=rec.id,
+            key_prefix=rec.prefix,
+            models=frozenset(rec.models) if rec.models is not None else None,
+            admin=rec.admin,
+        )
+        return _Entry(principal, exp, now)
+
+    async def reload(self) -> int:
+        """Replace the cache with every active key in the store. Returns how many."""
+        assert self.engine is not None
+        started = repo.utcnow()
+        records = await asyncio.to_thread(repo.active_keys, self.engine)
+        now = time.time()
+        self._cache = {r.digest: self._entry(r, now) for r in records}
+        self._negative.clear()
+        self._loaded_at = time.monotonic()
+        # Changes after the query started are still seen by the next poll.
+        self._poll_since = min(self._poll_since, started)
+        return len(records)
 
     async def _load(self, d: str, token: str, now: float) -> _Entry:
         assert self.engine is not None
@@ -132,15 +161,7 @@ class Authenticator:
             self._remember_invalid(d, now)
             self._cache.pop(d, None)
             raise _invalid(token)
-        exp = rec.expires_at.replace(tzinfo=dt.UTC).timestamp() if rec.expires_at else None
-        principal = Principal(
-            name=rec.name,
-            key_id=rec.id,
-            key_prefix=rec.prefix,
-            models=frozenset(rec.models) if rec.models is not None else None,
-            admin=rec.admin,
-        )
-        entry = _Entry(principal, exp, now)
+        entry = self._entry(rec, now)
         self._cache[d] = entry
         return entry
 
@@ -186,6 +207,8 @@ class Authenticator:
         failures = 0
         while True:
             try:
+                if time.monotonic() - self._loaded_at >= self.settings.cache_ttl_s:
+                    await self.reload()
                 await self.poll_once()
                 if failures:
                     log.info("key store readable again")

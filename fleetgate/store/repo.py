@@ -9,7 +9,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 
 from fleetgate.store.tables import api_keys, usage_events
 
@@ -112,12 +112,24 @@ def digests_changed_since(engine: Engine, since: dt.datetime) -> list[str]:
 
 
 def touch_last_used(engine: Engine, last_used: dict[int, dt.datetime]) -> None:
+    """One batched UPDATE for every key used since the last call."""
     if not last_used:
         return
+    # last_used_at deliberately doesn't bump updated_at: it isn't a change to the key.
+    stmt = (
+        update(api_keys)
+        .where(api_keys.c.id == bindparam("kid"))
+        .values(last_used_at=bindparam("when"))
+    )
     with engine.begin() as conn:
-        for key_id, when in last_used.items():
-            # last_used_at deliberately doesn't bump updated_at: it isn't a change to the key.
-            conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=when))
+        conn.execute(stmt, [{"kid": k, "when": w} for k, w in last_used.items()])
+
+
+def active_keys(engine: Engine) -> list[KeyRecord]:
+    """Every key not revoked (expired ones included: expiry is checked per request)."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(api_keys).where(api_keys.c.revoked_at.is_(None)))
+        return [_record(r) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ log = logging.getLogger("fleetgate.usage")
 
 
 class UsageWriter:
-    def __init__(self, engine: Engine, *, interval_s: float = 1.0, max_pending: int = 1_000_000):
+    def __init__(self, engine: Engine, *, interval_s: float = 0.1, max_pending: int = 1_000_000):
         self.engine = engine
         self.interval_s = interval_s
         self._pending: deque[repo.UsageEvent] = deque(maxlen=max_pending)

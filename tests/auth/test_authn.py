@@ -106,3 +106,34 @@ async def test_last_used_is_written_by_the_poll_not_inline(engine):
     assert repo.list_keys(engine)[0].last_used_at is None
     await a.poll_once()
     assert repo.list_keys(engine)[0].last_used_at is not None
+
+
+async def test_reload_holds_every_active_key_so_requests_never_touch_the_store(engine, monkeypatch):
+    ks = [add_key(engine) for _ in range(50)]
+    revoked = add_key(engine)
+    rec = repo.get_key_by_digest(engine, keys.digest(revoked))
+    repo.revoke_key(engine, rec.id)
+    a = Authenticator(auth(), engine)
+    assert await a.reload() == 50
+    monkeypatch.setattr(repo, "get_key_by_digest", lambda *x: pytest.fail("store was queried"))
+    for k in ks:
+        await a.authenticate(f"Bearer {k}".encode())
+    monkeypatch.undo()
+    with pytest.raises(AuthError):
+        await a.authenticate(f"Bearer {revoked}".encode())
+
+
+async def test_a_key_created_after_the_load_is_found(engine):
+    a = Authenticator(auth(), engine)
+    await a.reload()
+    k = add_key(engine)
+    assert (await a.authenticate(f"Bearer {k}".encode())).name == "k"
+
+
+async def test_last_used_for_many_keys_is_one_batch(engine):
+    ks = [add_key(engine) for _ in range(20)]
+    a = Authenticator(auth(), engine)
+    for k in ks:
+        await a.authenticate(f"Bearer {k}".encode())
+    await a.poll_once()
+    assert all(r.last_used_at is not None for r in repo.list_keys(engine))
