@@ -69,6 +69,7 @@ class Gateway:
         self.upstream = Upstream(settings.server)
         self.usage = UsageWriter(self.engine)
         self.started = False
+        self._error_log: dict[str, tuple[float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.routes = ROUTES
         # Per-model facts the request path needs, computed once.
@@ -153,12 +154,26 @@ class Gateway:
                 )
             await handler(self, scope, receive, send)
         except GatewayError as e:
+            if e.status >= 500:
+                self._log_server_error(e)
             await send_error(send, e)
         except ConnectionAbortedError:
             return
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"][:200])
             await send_error(send, GatewayError("The gateway hit an internal error."))
+
+    def _log_server_error(self, e: GatewayError) -> None:
+        """Gateway-made 5xx answers, at most one line a second per code, with a count."""
+        code = e.error_code or "internal_error"
+        now = time.monotonic()
+        last, count = self._error_log.get(code, (0.0, 0))
+        if now - last >= 1.0:
+            log.warning("answered %d %s (%d more since the last line): %s",
+                        e.status, code, count, e.message)
+            self._error_log[code] = (now, 0)
+        else:
+            self._error_log[code] = (last, count + 1)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

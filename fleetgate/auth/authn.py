@@ -37,6 +37,11 @@ class _Entry:
     principal: Principal
     expires_at: float | None  # epoch seconds
     cached_at: float
+    touched: float = 0.0  # when ``last used`` was last queued for this key
+
+
+# ``last used`` is kept to the minute: a busy key costs one UPDATE a minute, not one a request.
+LAST_USED_RESOLUTION_S = 60.0
 
 
 def bearer_token(header: bytes | None) -> str:
@@ -73,18 +78,24 @@ class Authenticator:
         self._negative: OrderedDict[str, float] = OrderedDict()
         self._static = [keys.digest(t).encode() for t in settings.tokens]
         self._last_used: dict[int, dt.datetime] = {}
-        self._poll_ok_at = time.monotonic()
+        self._failing_since: float | None = None  # first failure of the current streak
+        self._poll_started: float | None = None  # the poll in flight, if any
         self._poll_since = repo.utcnow()
         self._loaded_at = -float("inf")
-        # Past this many seconds without a good poll the store counts as unreadable.
+        # Failing polls for this long, or one poll hanging for hang_after, and the store counts
+        # as unreadable. A poll that is merely slow (the machine is saturated) doesn't count.
         self._stale_after = max(5.0, 5 * settings.revocation_poll_s)
+        self._hang_after = max(30.0, 10 * settings.revocation_poll_s)
 
     # -- request path -------------------------------------------------------------------------
 
     def store_readable(self) -> bool:
         if self.settings.mode != "keys":
             return True
-        return time.monotonic() - self._poll_ok_at <= self._stale_after
+        now = time.monotonic()
+        if self._failing_since is not None and now - self._failing_since > self._stale_after:
+            return False
+        return self._poll_started is None or now - self._poll_started <= self._hang_after
 
     async def authenticate(self, header: bytes | None) -> Principal:
         mode = self.settings.mode
@@ -119,7 +130,8 @@ class Authenticator:
                 f"API key '{keys.display_prefix(token)}' has expired.", code="expired_api_key"
             )
         p = entry.principal
-        if p.key_id is not None:
+        if p.key_id is not None and now - entry.touched >= LAST_USED_RESOLUTION_S:
+            entry.touched = now
             self._last_used[p.key_id] = dt.datetime.fromtimestamp(now, dt.UTC).replace(tzinfo=None)
         return p
 
@@ -199,26 +211,31 @@ class Authenticator:
             self._cache.pop(d, None)
             self._negative.pop(d, None)
         self._poll_since = started
-        self._poll_ok_at = time.monotonic()
 
     async def run_refresher(self) -> None:
         if self.settings.mode != "keys":
             return
         failures = 0
         while True:
+            self._poll_started = time.monotonic()
             try:
-                if time.monotonic() - self._loaded_at >= self.settings.cache_ttl_s:
+                if self._poll_started - self._loaded_at >= self.settings.cache_ttl_s:
                     await self.reload()
                 await self.poll_once()
                 if failures:
                     log.info("key store readable again")
                 failures = 0
+                self._failing_since = None
             except Exception as e:
                 failures += 1
+                if self._failing_since is None:
+                    self._failing_since = self._poll_started
                 if failures == 1 or failures % 60 == 0:
                     log.warning(
                         "key store poll failed (%d in a row): %s", failures, type(e).__name__
                     )
+            finally:
+                self._poll_started = None
             await asyncio.sleep(self.settings.revocation_poll_s)
 
     async def flush(self) -> None:

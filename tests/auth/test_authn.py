@@ -137,3 +137,34 @@ async def test_last_used_for_many_keys_is_one_batch(engine):
         await a.authenticate(f"Bearer {k}".encode())
     await a.poll_once()
     assert all(r.last_used_at is not None for r in repo.list_keys(engine))
+
+
+async def test_a_slow_poll_is_not_a_failure_but_a_hung_one_is(engine, monkeypatch):
+    import time as _time
+
+    k = add_key(engine)
+    a = Authenticator(auth(revocation_poll_s=0.05), engine)
+    await a.authenticate(f"Bearer {k}".encode())
+    real_poll = a._poll
+    delay = {"s": 0.4}
+
+    def slow(*args):
+        _time.sleep(delay["s"])
+        return real_poll(*args)
+
+    monkeypatch.setattr(a, "_poll", slow)
+    a._stale_after = 0.1
+    a._hang_after = 1.0
+    task = asyncio.create_task(a.run_refresher())
+    try:
+        await asyncio.sleep(0.6)  # slower than stale_after, but succeeding: still readable
+        assert a.store_readable()
+        await a.authenticate(f"Bearer {k}".encode())
+        delay["s"] = 3.0
+        await asyncio.sleep(1.8)  # one poll now hangs past hang_after: fail closed
+        assert not a.store_readable()
+        with pytest.raises(StoreUnavailable):
+            await a.authenticate(f"Bearer {k}".encode())
+    finally:
+        task.cancel()
+        delay["s"] = 0
