@@ -11,12 +11,17 @@ PY="${PYTHON:-python3}"
 echo "== installing FleetGate and its test dependencies"
 "$PY" -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-echo "== installing PostgreSQL (server) for the store tests, if missing"
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+echo "== installing Debian packages the tests drive: PostgreSQL (store), wrk and nginx (bench smoke tests)"
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "PostgreSQL is not installed; install it (apt-get install postgresql)" >&2
+        echo "missing: ${missing[*]}; install them (apt-get install ${missing[*]})" >&2
         exit 1
     fi
 fi
