@@ -121,3 +121,9 @@ def test_example_config_is_valid():
 def test_upstream_key_cannot_inject_headers():
     p = problems({"models": [{"name": "m", "api_key": "abc\r\nX-Evil: 1", "backend": BACKEND}]})
     assert p[0].startswith("models[0].api_key:")
+
+
+def test_https_upstreams_are_refused_at_load_not_per_request():
+    p = problems({"models": [{"name": "m", "backend": {"type": "static",
+                                                       "urls": ["https://x:1"]}}]})
+    assert p[0].startswith("models[0].backend.urls:") and "not supported yet" in p[0]
