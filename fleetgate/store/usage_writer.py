@@ -47,8 +47,15 @@ class UsageWriter:
 
     async def run(self) -> None:
         failures = 0
+        reported_drops = 0
         while True:
             await asyncio.sleep(self.interval_s)
+            if self.dropped != reported_drops:
+                log.error(
+                    "usage queue full: %d events dropped so far (the store is down or too slow)",
+                    self.dropped,
+                )
+                reported_drops = self.dropped
             try:
                 await self.write_batch()
                 failures = 0

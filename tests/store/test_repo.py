@@ -100,3 +100,21 @@ async def test_authenticator_and_usage_writer_on_this_store(engine):
                              created_at=repo.utcnow()))
     await w.flush()
     assert w.written == 1
+
+
+async def test_usage_writer_keeps_a_failed_batch_and_bounds_memory(tmp_path):
+    e = open_engine(f"sqlite:///{tmp_path / 'u.db'}")  # never migrated: every write fails
+    w = UsageWriter(e, max_pending=3)
+    ev = repo.UsageEvent(key_id=None, model="m", endpoint="completions", status=200,
+                         stream=False, prompt_tokens=1, completion_tokens=1, latency_ms=1,
+                         created_at=repo.utcnow())
+    for _ in range(2):
+        w.record(ev)
+    with pytest.raises(Exception):  # noqa: B017 - the driver's OperationalError
+        await w.write_batch()
+    assert len(w._pending) == 2 and w.dropped == 0  # kept for the next try
+    for _ in range(3):
+        w.record(ev)
+    assert len(w._pending) == 3 and w.dropped == 2
+    migrate(e)
+    assert await w.write_batch() == 3
