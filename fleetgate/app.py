@@ -24,7 +24,7 @@ from fleetgate.auth.authn import Authenticator
 from fleetgate.config import Settings
 from fleetgate.errors import GatewayError, MethodNotAllowed, NotFound
 from fleetgate.fleet.pool import Pool
-from fleetgate.proxy.relay import Upstream
+from fleetgate.proxy.client import Upstream
 from fleetgate.store.db import migrate, open_engine
 from fleetgate.store.usage_writer import UsageWriter
 

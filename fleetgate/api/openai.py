@@ -27,7 +27,8 @@ from fleetgate.errors import (
 )
 from fleetgate.fleet.balancer import affinity_key
 from fleetgate.fleet.pool import Lease
-from fleetgate.proxy.relay import ClientGone, relay_stream, relay_whole
+from fleetgate.proxy.client import ClientGone
+from fleetgate.proxy.relay import relay_stream, relay_whole
 from fleetgate.proxy.usage_tap import UsageTap
 from fleetgate.store.repo import UsageEvent, utcnow
 

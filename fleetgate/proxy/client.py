@@ -1,0 +1,392 @@
+"""The upstream client: pooled keep-alive HTTP/1.1 connections, bytes handed on as they arrive.
+
+It is a small asyncio Protocol with httptools' C parser, rather than aiohttp: on the request path
+aiohttp's client cost about a third of the gateway's CPU per request (headers multidicts,
+payload objects, timers rescheduled per read), and this does the one thing the gateway needs —
+POST bytes to a replica and hand back status, a few headers and the body as it arrives. See
+docs/benchmarks.md for the measurements.
+
+Promises:
+- the upstream sees only the headers the caller passes (content type, the model's own key);
+- reading from the upstream pauses while more than ``_HIGH_WATER`` bytes wait for the caller;
+- :meth:`ClientGone.fire` (the client went away) closes the upstream connection, so the engine
+  stops generating, also while the gateway still waits for the response to start;
+- a failure before the response starts raises a :class:`GatewayError` (502/504);
+- at most ``server.upstream_max_connections`` requests are in flight upstream; more wait for a
+  free slot. A kept-alive connection that the upstream closed while idle is retried once on a
+  new connection, only when not one byte of a response came back on it (nothing was processed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import httptools
+
+from fleetgate.config import ServerSettings
+from fleetgate.errors import UpstreamTimeout, UpstreamUnreachable
+
+_PASS_HEADERS = ("content-type", "retry-after", "x-request-id")
+_WANTED = {n.encode(): n for n in _PASS_HEADERS}
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+Key = tuple[str, int]
+
+
+class UpstreamClosed(Exception):
+    """The connection ended before the response did (or the gateway closed it)."""
+
+
+class ClientGone:
+    """Set by the disconnect watcher; closes the upstream response it's pointed at."""
+
+    __slots__ = ("gone", "response")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.response: UpstreamResponse | None = None
+
+    def fire(self) -> None:
+        self.gone = True
+        if self.response is not None:
+            self.response.close()
+
+
+class UpstreamResponse:
+    """One response: status and headers once they arrive, then the body as it arrives."""
+
+    __slots__ = (
+        *("status", "headers", "last_read", "got_bytes", "_conn", "_pool", "_chunks", "_size"),
+        *("_waiter", "_started", "_complete", "_keep_alive", "_error", "_released", "_paused"),
+        *("_timer", "_timeout"),
+    )
+
+    def __init__(self, conn: _Conn, pool: _Pool, timeout_s: float) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._conn = conn
+        self._pool = pool
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._started = False
+        self._complete = False
+        self._keep_alive = False
+        self._error: BaseException | None = None
+        self._released = False
+        self._paused = False
+        self._timeout = timeout_s
+        loop = pool.loop
+        self.last_read = loop.time()
+        self.got_bytes = False
+        # One lazy timer per response: re-armed from the last read only when it fires.
+        self._timer: asyncio.TimerHandle | None = loop.call_at(
+            self.last_read + timeout_s, self._check_timeout
+        )
+
+    @property
+    def content_type(self) -> str:
+        ct = self.headers.get("content-type", "application/octet-stream")
+        return ct.partition(";")[0].strip().lower()
+
+    # -- fed by the connection ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _headers_done(self, status: int) -> None:
+        self.status = status
+        self._started = True
+        self._wake()
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > _HIGH_WATER and not self._paused and self._conn.transport is not None:
+            self._paused = True
+            self._conn.transport.pause_reading()
+        self._wake()
+
+    def _done(self, keep_alive: bool) -> None:
+        self._complete = True
+        self._keep_alive = keep_alive
+        self._stop_timer()
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None and not self._complete:
+            self._error = exc
+        self._stop_timer()
+        self._wake()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self._complete or self._error is not None:
+            return
+        due = self.last_read + self._timeout
+        if self._pool.loop.time() >= due:
+            self._fail(TimeoutError())
+            self._conn.abort()
+        else:
+            self._timer = self._pool.loop.call_at(due, self._check_timeout)
+
+    # -- read by the relay -------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        w = self._pool.loop.create_future()
+        self._waiter = w
+        await w
+
+    async def wait_started(self) -> None:
+        while not self._started:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Everything buffered so far as one piece, until the body ends; raises on failure."""
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+                self._chunks.clear()
+                self._size = 0
+                if self._paused and self._conn.transport is not None:
+                    self._paused = False
+                    self._conn.transport.resume_reading()
+                yield data
+            elif self._complete:
+                return
+            elif self._error is not None:
+                raise self._error
+            else:
+                await self._wait()
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.iter_chunks()]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        """Done with the response: a finished one's connection goes back to the pool; an
+        unfinished one's connection is closed, which tells the upstream to stop."""
+        if self._released:
+            return
+        self._released = True
+        self._stop_timer()
+        reuse = self._complete and self._keep_alive and self._error is None
+        if not self._complete:
+            self._fail(UpstreamClosed("closed by the gateway"))
+        self._pool.release(self._conn, reuse)
+
+    release = close
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection to one upstream; one response at a time."""
+
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.resp: UpstreamResponse | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.lost = False
+        self.reused = False
+        self._headers: dict[str, str] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        r = self.resp
+        if r is not None:
+            r._fail(UpstreamClosed("the upstream closed the connection"))
+
+    def abort(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        r = self.resp
+        if r is None:  # nothing was asked: an idle connection must not talk
+            self.abort()
+            return
+        r.last_read = r._pool.loop.time()
+        r.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            r._fail(UpstreamClosed("the upstream sent a malformed response"))
+            self.abort()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._headers = {}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = _WANTED.get(name.lower())
+        if n is not None:
+            self._headers[n] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        r = self.resp
+        if r is not None:
+            r.headers = self._headers
+            r._headers_done(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        if self.resp is not None:
+            self.resp._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.resp is not None:
+            self.resp._done(self.parser.should_keep_alive())
+
+
+class _Pool:
+    def __init__(self, limit: int, connect_timeout_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.connect_timeout_s = connect_timeout_s
+        self.active = 0
+        self.closed = False
+        self.idle: dict[Key, list[_Conn]] = {}
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self, key: Key) -> _Conn:
+        while self.active >= self.limit:
+            w = self.loop.create_future()
+            self.waiters.append(w)
+            try:
+                await w
+            except BaseException:
+                if w in self.waiters:
+                    self.waiters.remove(w)
+                elif w.done() and not w.cancelled():
+                    self._wake_one()  # pass on the slot this waiter was given
+                raise
+        self.active += 1
+        stack = self.idle.get(key)
+        while stack:
+            c = stack.pop()
+            if not c.lost:
+                c.reused = True
+                return c
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: _Conn(key), key[0], key[1]),
+                self.connect_timeout_s,
+            )
+        except BaseException:
+            self.active -= 1
+            self._wake_one()
+            raise
+        return conn
+
+    def release(self, conn: _Conn, reuse: bool) -> None:
+        self.active -= 1
+        conn.resp = None
+        if reuse and not conn.lost and not self.closed:
+            self.idle.setdefault(conn.key, []).append(conn)
+        else:
+            conn.abort()
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    def close(self) -> None:
+        self.closed = True
+        for stack in self.idle.values():
+            for c in stack:
+                c.abort()
+        self.idle.clear()
+
+
+class Upstream:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._pool: _Pool | None = None
+        self._targets: dict[str, tuple[Key, bytes]] = {}
+
+    async def start(self) -> None:
+        s = self.settings
+        self._pool = _Pool(s.upstream_max_connections, s.upstream_connect_timeout_s)
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _target(self, url: str) -> tuple[Key, bytes]:
+        t = self._targets.get(url)
+        if t is None:
+            u = urlsplit(url)
+            if u.scheme != "http" or not u.hostname:
+                raise UpstreamUnreachable(f"Unsupported upstream URL scheme '{u.scheme}'.")
+            port = u.port or 80
+            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            host = u.hostname if u.port is None else f"{u.hostname}:{port}"
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")
+            t = ((u.hostname, port), head)
+            if len(self._targets) > 4096:  # replicas come and go: stay bounded
+                self._targets.clear()
+            self._targets[url] = t
+        return t
+
+    async def open(
+        self, url: str, body: bytes, headers: dict[str, str], gone: ClientGone
+    ) -> UpstreamResponse:
+        """POST and wait for the status line. Raises a GatewayError if that fails."""
+        pool = self._pool
+        assert pool is not None, "Upstream.start() was not awaited"
+        key, head = self._target(url)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        data = b"".join(
+            (head, extra.encode("latin-1"), b"Content-Length: %d\r\n\r\n" % len(body), body)
+        )
+        for attempt in (0, 1):
+            try:
+                conn = await pool.acquire(key)
+            except TimeoutError:
+                raise UpstreamTimeout("The model's server did not answer in time.") from None
+            except OSError:
+                raise UpstreamUnreachable("The model's server can't be reached.") from None
+            resp = UpstreamResponse(conn, pool, self.settings.upstream_read_timeout_s)
+            conn.resp = resp
+            gone.response = resp
+            if gone.gone:
+                resp.close()
+                raise ConnectionAbortedError("the client went away")
+            assert conn.transport is not None
+            conn.transport.write(data)
+            try:
+                await resp.wait_started()
+                return resp
+            except TimeoutError:
+                resp.close()
+                raise UpstreamTimeout("The model's server did not answer in time.") from None
+            except UpstreamClosed:
+                resp.close()
+                if gone.gone:
+                    raise ConnectionAbortedError("the client went away") from None
+                if attempt == 0 and conn.reused and not resp.got_bytes:
+                    continue  # it closed while idle: the request was never processed
+                raise UpstreamUnreachable("The connection to the model's server failed.") from None
+        raise AssertionError("unreachable")  # pragma: no cover
