@@ -49,7 +49,8 @@ class ServerSettings(_Model):
 
 class AuthSettings(_Model):
     mode: Literal["keys", "static", "none"] = "keys"
-    tokens: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = Field((), repr=False)
+    admin_tokens: tuple[str, ...] = Field((), repr=False)
     cache_ttl_s: float = Field(300.0, gt=0)
     revocation_poll_s: float = Field(1.0, gt=0)
     negative_cache_size: int = Field(10000, ge=0)
@@ -57,13 +58,18 @@ class AuthSettings(_Model):
     @model_validator(mode="after")
     def _tokens_fit_mode(self) -> AuthSettings:
         if self.mode == "static":
-            if not self.tokens:
+            if not self.tokens and not self.admin_tokens:
                 raise ValueError("auth.mode 'static' needs at least one token in auth.tokens")
-            for tok in self.tokens:
+            for tok in self.tokens + self.admin_tokens:
                 if len(tok) < 16:
                     raise ValueError("every static token must be at least 16 characters")
-        elif self.tokens:
-            raise ValueError(f"auth.tokens is only used with mode 'static', not '{self.mode}'")
+            if set(self.tokens) & set(self.admin_tokens):
+                raise ValueError("a token can't be in both auth.tokens and auth.admin_tokens")
+        elif self.tokens or self.admin_tokens:
+            raise ValueError(
+                f"auth.tokens and auth.admin_tokens are only used with mode 'static', "
+                f"not '{self.mode}'"
+            )
         return self
 
 

@@ -55,6 +55,8 @@ def test_static_mode_needs_long_tokens():
     assert "needs at least one token" in problems({"auth": {"mode": "static"}})[0]
     assert "at least 16" in problems({"auth": {"mode": "static", "tokens": ["short"]}})[0]
     assert "only used with mode" in problems({"auth": {"mode": "keys", "tokens": ["x" * 20]}})[0]
+    assert "both" in problems({"auth": {"mode": "static", "tokens": ["x" * 20],
+                                        "admin_tokens": ["x" * 20]}})[0]
 
 
 def test_interpolation_and_defaults():

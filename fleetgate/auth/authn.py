@@ -77,6 +77,7 @@ class Authenticator:
         self._cache: dict[str, _Entry] = {}
         self._negative: OrderedDict[str, float] = OrderedDict()
         self._static = [keys.digest(t).encode() for t in settings.tokens]
+        self._static_admin = [keys.digest(t).encode() for t in settings.admin_tokens]
         self._last_used: dict[int, dt.datetime] = {}
         self._failing_since: float | None = None  # first failure of the current streak
         self._poll_started: float | None = None  # the poll in flight, if any
@@ -104,10 +105,14 @@ class Authenticator:
         token = bearer_token(header)
         if mode == "static":
             d = keys.digest(token).encode()
-            ok = False
-            for s in self._static:  # no early exit: constant time over the token list
-                ok |= hmac.compare_digest(d, s)
-            if not ok:
+            user = admin = False
+            for s in self._static:  # no early exit: constant time over the token lists
+                user |= hmac.compare_digest(d, s)
+            for s in self._static_admin:
+                admin |= hmac.compare_digest(d, s)
+            if admin:
+                return Principal(name="static-admin-token", admin=True)
+            if not user:
                 raise _invalid(token)
             return Principal(name="static-token")
         return await self._from_store(token)

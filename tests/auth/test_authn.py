@@ -168,3 +168,11 @@ async def test_a_slow_poll_is_not_a_failure_but_a_hung_one_is(engine, monkeypatc
     finally:
         task.cancel()
         delay["s"] = 0
+
+
+async def test_static_admin_tokens_are_admin_and_plain_ones_are_not():
+    a = Authenticator(auth("static", tokens=("u" * 20,), admin_tokens=("a" * 20,)), None)
+    assert (await a.authenticate(b"Bearer " + b"a" * 20)).admin
+    assert not (await a.authenticate(b"Bearer " + b"u" * 20)).admin
+    with pytest.raises(AuthError):
+        await a.authenticate(b"Bearer " + b"b" * 20)
