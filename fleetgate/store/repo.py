@@ -186,8 +186,8 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
     return len(rows)
 
 
-def usage_totals(engine: Engine) -> list[dict[str, object]]:
-    """Per key and model: requests and tokens. Used by tests and the CLI."""
+def usage_totals(engine: Engine, since: dt.datetime | None = None) -> list[dict[str, object]]:
+    """Per key and model: requests and tokens (since ``since``, if given)."""
     q = (
         select(
             usage_events.c.key_id,
@@ -199,5 +199,7 @@ def usage_totals(engine: Engine) -> list[dict[str, object]]:
         .group_by(usage_events.c.key_id, usage_events.c.model)
         .order_by(usage_events.c.key_id, usage_events.c.model)
     )
+    if since is not None:
+        q = q.where(usage_events.c.created_at >= since)
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(q)]

@@ -71,7 +71,7 @@ def test_serve_refuses_bad_config(tmp_path):
 
 
 def test_every_command_has_examples_in_help():
-    for cmd in (["serve"], ["keys"], ["check-config"], ["demo"]):
+    for cmd in (["serve"], ["keys"], ["check-config"], ["demo"], ["usage"]):
         out = run(*cmd, "--help").output
         assert "Example" in out, cmd
 
@@ -85,3 +85,26 @@ def test_keys_with_an_unusable_store_fail_with_one_clear_line(tmp_path):
     assert r.exit_code == 1
     assert "the key store can't be used" in r.output
     assert "Traceback" not in r.output
+
+
+def test_usage_report(cfg):
+    import datetime as dt
+
+    from fleetgate import config
+    from fleetgate.store import repo
+    from fleetgate.store.db import open_engine
+
+    key = run("keys", "create", "--config", str(cfg), "--name", "alice").stdout.strip()
+    engine = open_engine(config.load(cfg).store.url)
+    rec = repo.list_keys(engine)[0]
+    old = repo.utcnow() - dt.timedelta(days=10)
+    for when, toks in ((repo.utcnow(), 5), (old, 100)):
+        repo.insert_usage(engine, [repo.UsageEvent(
+            key_id=rec.id, model="a", endpoint="chat.completions", status=200, stream=True,
+            prompt_tokens=2, completion_tokens=toks, latency_ms=3, created_at=when)])
+    out = run("usage", "--config", str(cfg)).output
+    assert "alice" in out and key not in out
+    assert "105" in out.split("alice")[1]
+    recent = run("usage", "--config", str(cfg), "--since", "7d").output
+    line = [ln for ln in recent.splitlines() if "alice" in ln][0]
+    assert line.split()[-3:] == ["1", "2", "5"]
