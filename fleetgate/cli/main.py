@@ -26,7 +26,8 @@ def _register() -> None:
 
     for mod, names in (
         ("fleetgate.cli.serve", ("serve", "check_config", "demo")),
-        ("fleetgate.cli.keys", ("keys", "usage")),
+        ("fleetgate.cli.keys", ("keys",)),
+        ("fleetgate.cli.usage", ("usage",)),
         ("fleetgate.cli.sim", ("sim",)),
         ("fleetgate.cli.fleet", ("up", "down", "status")),
     ):
