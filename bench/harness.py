@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen, paths, report, upstream, wrk
-from bench.procs import Procs, Sampler, free_port, raise_nofile, rss_bytes, wait_http
+from bench.procs import Procs, Sampler, raise_nofile, rss_bytes, wait_http
+from fleetgate.localnet import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

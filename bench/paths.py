@@ -20,8 +20,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-from bench.procs import Proc, Procs, free_port, wait_http
+from bench.procs import Proc, Procs, wait_http
 from bench.upstream import MODEL
+from fleetgate.localnet import free_port
 
 VENVS = Path(__file__).resolve().parent / ".venvs"
 ALL = ("direct", "fleetgate", "vllm-router", "litellm")

@@ -11,7 +11,6 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -23,12 +22,6 @@ from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raise_nofile() -> int:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,30 +16,10 @@ import httpx
 from fleetgate import config
 from fleetgate.app import Gateway
 from fleetgate.auth import keys as keyfmt
+from fleetgate.localnet import free_port, wait_http  # noqa: F401  (re-exported for tests)
 from fleetgate.store import repo
 
 FLEETGATE = [sys.executable, "-c", "from fleetgate.cli.main import main; main()"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:

@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import click
 
 from fleetgate import config as config_mod
 from fleetgate.errors import ConfigError
+from fleetgate.localnet import wait_http
 
 
 def load_or_exit(path: str) -> config_mod.Settings:
@@ -269,7 +268,10 @@ def demo(port: int, sim_port: int, state_dir: str) -> None:
         start_new_session=True,
     )
     try:
-        _wait_http(f"http://127.0.0.1:{sim_port}/health", 30, sim)
+        try:
+            wait_http(f"http://127.0.0.1:{sim_port}/health", 30, sim)
+        except (RuntimeError, TimeoutError) as e:
+            raise click.ClickException(f"the simulator didn't start: {e}") from None
         key = create_key(settings, name="demo", models=["demo"], expires=None)
         click.echo(
             "\nFleetGate demo. The model 'demo' is the engine SIMULATOR, not a real model.\n"
@@ -285,18 +287,3 @@ def demo(port: int, sim_port: int, state_dir: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sim.pid, signal.SIGTERM)
         sim.wait(timeout=10)
-
-
-def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"the simulator exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise click.ClickException(f"{url} did not come up within {timeout_s:.0f} s")

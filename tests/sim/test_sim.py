@@ -24,6 +24,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 
+from fleetgate.localnet import free_port
 from fleetgate.sim.app import SimApp
 from fleetgate.sim.options import SimOptions
 from fleetgate.sim.server import running
@@ -31,11 +32,6 @@ from fleetgate.sim.server import running
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sim-test"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:
