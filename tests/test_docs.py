@@ -67,3 +67,21 @@ def test_readme_leads_with_the_two_commands():
     assert "pip install -e . && fleetgate demo" in readme
     assert "bash scripts/test.sh" in readme
     assert "scripts/test.sh" in (DOCS.parent / ".ci" / "run").read_text()
+
+
+def test_yaml_examples_in_the_docs_and_examples_load():
+    import re
+
+    from fleetgate import config
+
+    env = {"VLLM_API_KEY": "k" * 20, "FLEETGATE_DB": "/tmp/x.db"}
+    blocks = []
+    for doc in [DOCS.parent / "README.md", *DOCS.glob("*.md")]:
+        blocks += re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)
+    assert blocks, "the configuration reference should show a complete example"
+    import yaml
+
+    for b in blocks:
+        config.parse(yaml.safe_load(b), env)
+    for ex in (DOCS.parent / "examples").glob("*.yaml"):
+        config.parse(yaml.safe_load(ex.read_text()), env)
