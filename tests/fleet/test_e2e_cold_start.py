@@ -152,3 +152,39 @@ def test_idle_model_scales_to_zero_and_comes_back(fleet: Fleet) -> None:
     assert client.completions.create(model="i", prompt="x", max_tokens=2).choices[0].text
     assert launches(fleet, "i") == 2
     assert gw.status("i")["launches"] == 2
+
+
+def test_wait_mode_gives_up_after_its_timeout_with_a_clear_error(fleet: Fleet) -> None:
+    import openai
+
+    doc = fleet.config(
+        [
+            sim_model(
+                fleet.tmp,
+                "stuck",
+                "--hang-on-start",
+                cold_start={"mode": "wait", "wait_timeout_s": 1.5, "keepalive_s": 0.3},
+            )
+        ]
+    )
+    gw = fleet.gateway(doc)
+    t0 = time.monotonic()
+    try:
+        gw.client().chat.completions.create(model="stuck", messages=HI, max_tokens=3)
+        raise AssertionError("a model that never starts answered")
+    except openai.APIStatusError as e:
+        waited = time.monotonic() - t0
+        assert e.status_code == 503
+        assert e.response.headers.get("retry-after")
+        assert e.response.json()["error"]["source"] == "gateway"
+    assert 1.4 <= waited < 10, waited
+    # A streaming client got its SSE head at once: the give-up is the stream's last event.
+    body = {"model": "stuck", "messages": HI, "max_tokens": 3, "stream": True}
+    headers = {"authorization": f"Bearer {gw.user_key}"}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=30) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[0].startswith(":")
+    assert lines[-1].startswith("data: ") and '"error"' in lines[-1]
+    assert "[DONE]" not in "".join(lines)
