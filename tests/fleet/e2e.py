@@ -114,6 +114,22 @@ class Gateway:
         kw.setdefault("timeout", 30)
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.user_key, **kw)
 
+    def sse_lines(self, body: dict[str, Any]) -> list[tuple[float, str]]:
+        """POST a streaming chat request as a raw client; every non-empty SSE line, with its
+        arrival time (s since the request). Asserts the stream's 200 and content type."""
+        t0 = time.monotonic()
+        lines = []
+        headers = {"authorization": f"Bearer {self.user_key}"}
+        with httpx.stream(
+            "POST", f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+        ) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line:
+                    lines.append((time.monotonic() - t0, line))
+        return lines
+
     def get(self, path: str, key: str | None = None) -> httpx.Response:
         headers = {"authorization": f"Bearer {key}"} if key else {}
         return httpx.get(self.url + path, headers=headers, timeout=10)

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
+import openai
 from e2e import Fleet, sim_model, until
 from fleet_helpers import pid_running
 from openai.types.chat import ChatCompletionMessageParam
@@ -75,20 +75,7 @@ def test_wait_mode_holds_requests_and_keeps_streams_alive(fleet: Fleet) -> None:
         return out.choices[0].message.content or ""
 
     def raw_stream() -> list[tuple[float, str]]:
-        """Every SSE line the client sees, with when it arrived."""
-        t0 = time.monotonic()
-        lines = []
-        body = {"model": "w", "messages": HI, "max_tokens": 4, "stream": True}
-        headers = {"authorization": f"Bearer {gw.user_key}"}
-        with httpx.stream(
-            "POST", f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=30
-        ) as r:
-            assert r.status_code == 200
-            assert r.headers["content-type"].startswith("text/event-stream")
-            for line in r.iter_lines():
-                if line:
-                    lines.append((time.monotonic() - t0, line))
-        return lines
+        return gw.sse_lines({"model": "w", "messages": HI, "max_tokens": 4, "stream": True})
 
     def sdk_stream() -> str:
         chunks = client.chat.completions.create(model="w", messages=HI, max_tokens=4, stream=True)
@@ -155,8 +142,6 @@ def test_idle_model_scales_to_zero_and_comes_back(fleet: Fleet) -> None:
 
 
 def test_wait_mode_gives_up_after_its_timeout_with_a_clear_error(fleet: Fleet) -> None:
-    import openai
-
     doc = fleet.config(
         [
             sim_model(
@@ -179,12 +164,8 @@ def test_wait_mode_gives_up_after_its_timeout_with_a_clear_error(fleet: Fleet) -
         assert e.response.json()["error"]["source"] == "gateway"
     assert 1.4 <= waited < 10, waited
     # A streaming client got its SSE head at once: the give-up is the stream's last event.
-    body = {"model": "stuck", "messages": HI, "max_tokens": 3, "stream": True}
-    headers = {"authorization": f"Bearer {gw.user_key}"}
-    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=headers,
-                      timeout=30) as r:
-        assert r.status_code == 200
-        lines = [ln for ln in r.iter_lines() if ln]
+    lines = [ln for _, ln in gw.sse_lines(
+        {"model": "stuck", "messages": HI, "max_tokens": 3, "stream": True})]
     assert lines[0].startswith(":")
     assert lines[-1].startswith("data: ") and '"error"' in lines[-1]
     assert "[DONE]" not in "".join(lines)
