@@ -73,6 +73,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self.routes = ROUTES
         # Per-model facts the request path needs, computed once.
+        self.models = {m.name: m for m in settings.models}
         self.upstream_headers: dict[str, dict[str, str]] = {}
         self.rewrites: dict[str, tuple[bytes, bytes]] = {}
         self.model_entries: list[tuple[str, dict[str, object]]] = []

@@ -150,7 +150,7 @@ async def proxy(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None
     principal = await gw.authn.authenticate(header(scope, b"authorization"))
     raw = await read_body(scope, receive, gw.settings.server.max_body_bytes)
     req = parse(raw, endpoint)
-    m = gw.settings.model(req.model)
+    m = gw.models.get(req.model)
     if m is None:
         raise ModelNotFound(f"The model '{req.model[:200]}' does not exist.", param="model")
     if not principal.allows(m.name):
