@@ -36,6 +36,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class UpstreamTLSSettings(_Model):
+    """How ``https://`` upstreams are checked: verified against the system CAs by default."""
+
+    ca_file: str | None = None
+    verify: bool = True
+
+
 class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -43,7 +50,11 @@ class ServerSettings(_Model):
     public_models_list: bool = True
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     upstream_read_timeout_s: float = Field(600.0, gt=0)
-    upstream_max_connections: int = Field(1000, ge=1)
+    upstream_max_connections: int = Field(1000, ge=1)  # per upstream origin
+    upstream_pool_wait_s: float = Field(10.0, gt=0)
+    max_upstream_response_bytes: int = Field(128 * 1024 * 1024, ge=1024)
+    max_sse_event_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    upstream_tls: UpstreamTLSSettings = UpstreamTLSSettings()
     shutdown_grace_s: float = Field(30.0, ge=0)
 
 

@@ -11,33 +11,55 @@ Promises:
 - reading from the upstream pauses while more than ``_HIGH_WATER`` bytes wait for the caller;
 - :meth:`ClientGone.fire` (the client went away) closes the upstream connection, so the engine
   stops generating, also while the gateway still waits for the response to start;
-- a failure before the response starts raises a :class:`GatewayError` (502/504);
-- at most ``server.upstream_max_connections`` requests are in flight upstream; more wait for a
-  free slot. A kept-alive connection that the upstream closed while idle is retried once on a
-  new connection, only when not one byte of a response came back on it (nothing was processed).
+- a failure before the response starts raises a :class:`GatewayError` (502/504); so does a
+  status line the gateway can't relay (outside 200-599) and a ``101`` upgrade;
+- interim ``1xx`` responses (``100 Continue``, ``103 Early Hints``) are skipped: the caller only
+  ever sees the final response;
+- a connection goes back to the pool only after its final response was read to the end and
+  nothing more arrived on it; any byte past that end (or a body cut short) closes it, so one
+  request's answer can never reach the next request on that connection;
+- at most ``server.upstream_max_connections`` requests are in flight *per upstream origin*
+  (scheme, host, port), so a busy model never starves another model's replicas. A request
+  waits at most ``server.upstream_pool_wait_s`` for a slot, then gets 503 ``upstream_busy``
+  with ``Retry-After``. A kept-alive connection that the upstream closed while idle is retried
+  once on a new connection, only when not one byte of a response came back on it;
+- a non-streamed body larger than ``server.max_upstream_response_bytes`` is not buffered:
+  :meth:`UpstreamResponse.read` raises :class:`ResponseTooLarge` and the connection is closed;
+- ``https://`` upstreams are verified against the system CAs (or ``server.upstream_tls.ca_file``)
+  with SNI and host-name checking, unless ``server.upstream_tls.verify`` is false.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httptools
 
 from fleetgate.config import ServerSettings
-from fleetgate.errors import UpstreamTimeout, UpstreamUnreachable
+from fleetgate.errors import Unavailable, UpstreamTimeout, UpstreamUnreachable
 
 _PASS_HEADERS = ("content-type", "retry-after", "x-request-id")
 _WANTED = {n.encode(): n for n in _PASS_HEADERS}
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
-Key = tuple[str, int]
+_MAX_ORIGINS = 4096
+Key = tuple[str, str, int]  # (scheme, host, port): one pool and one limit per origin
 
 
 class UpstreamClosed(Exception):
     """The connection ended before the response did (or the gateway closed it)."""
+
+
+class BadUpstreamResponse(UpstreamClosed):
+    """The upstream answered with something the gateway can't relay (status, upgrade, syntax)."""
+
+
+class ResponseTooLarge(Exception):
+    """A non-streamed body went past ``server.max_upstream_response_bytes``."""
 
 
 class ClientGone:
@@ -91,6 +113,11 @@ class UpstreamResponse:
     def content_type(self) -> str:
         ct = self.headers.get("content-type", "application/octet-stream")
         return ct.partition(";")[0].strip().lower()
+
+    @property
+    def max_event_bytes(self) -> int:
+        """The largest SSE event the relay buffers (``server.max_sse_event_bytes``)."""
+        return self._pool.max_event_bytes
 
     # -- fed by the connection ---------------------------------------------------------------
 
@@ -174,7 +201,16 @@ class UpstreamResponse:
                 await self._wait()
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.iter_chunks()]
+        """The whole body; :class:`ResponseTooLarge` past ``max_upstream_response_bytes``."""
+        limit = self._pool.max_body_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_chunks():
+            size += len(chunk)
+            if size > limit:
+                self.close()  # unfinished: the connection is closed, not pooled
+                raise ResponseTooLarge(f"more than {limit} bytes")
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
@@ -184,7 +220,9 @@ class UpstreamResponse:
             return
         self._released = True
         self._stop_timer()
-        reuse = self._complete and self._keep_alive and self._error is None
+        reuse = (
+            self._complete and self._keep_alive and self._error is None and not self._conn.dirty
+        )
         if not self._complete:
             self._fail(UpstreamClosed("closed by the gateway"))
         self._pool.release(self._conn, reuse)
@@ -202,6 +240,10 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.reused = False
+        # Set when anything arrives that isn't part of the one final response asked for:
+        # such a connection must never be handed to another request.
+        self.dirty = False
+        self._interim = False  # the message being parsed is a 1xx, to be skipped
         self._headers: dict[str, str] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,22 +260,35 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _reject(self, why: str) -> None:
+        self.dirty = True
+        if self.resp is not None:
+            self.resp._fail(BadUpstreamResponse(why))
+        self.abort()
+
     def data_received(self, data: bytes) -> None:
         r = self.resp
-        if r is None:  # nothing was asked: an idle connection must not talk
+        if r is None or r._complete:
+            # Nothing was asked, or the final response already ended: an upstream that says
+            # more can't be trusted with the next request.
+            self.dirty = True
             self.abort()
             return
         r.last_read = r._pool.loop.time()
         r.got_bytes = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject("the upstream switched protocols")
         except httptools.HttpParserError:
-            r._fail(UpstreamClosed("the upstream sent a malformed response"))
-            self.abort()
+            self._reject("the upstream sent a malformed response")
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._headers = {}
+        r = self.resp
+        if r is None or r._complete:
+            self.dirty = True  # a second response after the final one
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = _WANTED.get(name.lower())
@@ -242,81 +297,147 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         r = self.resp
-        if r is not None:
-            r.headers = self._headers
-            r._headers_done(self.parser.get_status_code())
+        status = self.parser.get_status_code()
+        self._interim = 100 <= status < 200 and status != 101
+        if r is None or r._complete or self._interim:
+            return
+        if not 200 <= status <= 599:
+            self._reject(f"the upstream answered with status {status}, which can't be relayed")
+            return
+        r.headers = self._headers
+        r._headers_done(status)
 
     def on_body(self, body: bytes) -> None:
-        if self.resp is not None:
-            self.resp._feed(body)
+        r = self.resp
+        if r is not None and not r._complete and not self._interim:
+            r._feed(body)
 
     def on_message_complete(self) -> None:
-        if self.resp is not None:
-            self.resp._done(self.parser.should_keep_alive())
+        if self._interim:
+            self._interim = False
+            return
+        r = self.resp
+        if r is not None and not r._complete and r._started:
+            r._done(self.parser.should_keep_alive())
 
 
-class _Pool:
-    def __init__(self, limit: int, connect_timeout_s: float) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.limit = limit
-        self.connect_timeout_s = connect_timeout_s
+class _Origin:
+    """One upstream origin's slots, idle connections and waiting requests."""
+
+    __slots__ = ("active", "idle", "waiters")
+
+    def __init__(self) -> None:
         self.active = 0
-        self.closed = False
-        self.idle: dict[Key, list[_Conn]] = {}
+        self.idle: list[_Conn] = []
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    async def acquire(self, key: Key) -> _Conn:
-        while self.active >= self.limit:
-            w = self.loop.create_future()
-            self.waiters.append(w)
-            try:
-                await w
-            except BaseException:
-                if w in self.waiters:
-                    self.waiters.remove(w)
-                elif w.done() and not w.cancelled():
-                    self._wake_one()  # pass on the slot this waiter was given
-                raise
-        self.active += 1
-        stack = self.idle.get(key)
-        while stack:
-            c = stack.pop()
-            if not c.lost:
-                c.reused = True
-                return c
-        try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _Conn(key), key[0], key[1]),
-                self.connect_timeout_s,
-            )
-        except BaseException:
-            self.active -= 1
-            self._wake_one()
-            raise
-        return conn
-
-    def release(self, conn: _Conn, reuse: bool) -> None:
-        self.active -= 1
-        conn.resp = None
-        if reuse and not conn.lost and not self.closed:
-            self.idle.setdefault(conn.key, []).append(conn)
-        else:
-            conn.abort()
-        self._wake_one()
-
-    def _wake_one(self) -> None:
+    def wake_one(self) -> None:
         while self.waiters:
             w = self.waiters.popleft()
             if not w.done():
                 w.set_result(None)
                 return
 
+    @property
+    def unused(self) -> bool:
+        return self.active == 0 and not self.idle and not self.waiters
+
+
+class _Pool:
+    def __init__(self, settings: ServerSettings, tls: ssl.SSLContext | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limit = settings.upstream_max_connections
+        self.connect_timeout_s = settings.upstream_connect_timeout_s
+        self.wait_s = settings.upstream_pool_wait_s
+        self.max_body_bytes = settings.max_upstream_response_bytes
+        self.max_event_bytes = settings.max_sse_event_bytes
+        self.tls = tls
+        self.closed = False
+        self.origins: dict[Key, _Origin] = {}
+
+    def _origin(self, key: Key) -> _Origin:
+        o = self.origins.get(key)
+        if o is None:
+            if len(self.origins) >= _MAX_ORIGINS:  # replicas come and go: stay bounded
+                for k in [k for k, v in self.origins.items() if v.unused]:
+                    del self.origins[k]
+            o = self.origins[key] = _Origin()
+        return o
+
+    async def _wait_for_slot(self, o: _Origin) -> None:
+        try:
+            async with asyncio.timeout(self.wait_s):
+                while o.active >= self.limit:
+                    w = self.loop.create_future()
+                    o.waiters.append(w)
+                    try:
+                        await w
+                    except BaseException:
+                        if w in o.waiters:
+                            o.waiters.remove(w)
+                        elif w.done() and not w.cancelled():
+                            o.wake_one()  # pass on the slot this waiter was given
+                        raise
+        except TimeoutError:
+            raise Unavailable(
+                f"The model's server is busy: all {self.limit} connections to it are in use "
+                f"and none came free within {self.wait_s:g}s.",
+                retry_after=max(1, round(self.wait_s / 2)),
+                code="upstream_busy",
+            ) from None
+
+    async def acquire(self, key: Key) -> _Conn:
+        o = self._origin(key)
+        if o.active >= self.limit:
+            await self._wait_for_slot(o)
+        o.active += 1
+        while o.idle:
+            c = o.idle.pop()
+            if not c.lost and not c.dirty:
+                c.reused = True
+                return c
+            c.abort()
+        scheme, host, port = key
+        tls = self.tls if scheme == "https" else None
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: _Conn(key), host, port, ssl=tls, server_hostname=host if tls else None
+                ),
+                self.connect_timeout_s,
+            )
+        except BaseException:
+            o.active -= 1
+            o.wake_one()
+            raise
+        return conn
+
+    def release(self, conn: _Conn, reuse: bool) -> None:
+        o = self._origin(conn.key)
+        o.active -= 1
+        conn.resp = None
+        if reuse and not conn.lost and not conn.dirty and not self.closed:
+            o.idle.append(conn)
+        else:
+            conn.abort()
+        o.wake_one()
+
     def close(self) -> None:
         self.closed = True
-        for stack in self.idle.values():
-            for c in stack:
+        for o in self.origins.values():
+            for c in o.idle:
                 c.abort()
-        self.idle.clear()
+            o.idle.clear()
+
+
+def tls_context(settings: ServerSettings) -> ssl.SSLContext:
+    """The client context for ``https://`` upstreams: verification on unless turned off."""
+    t = settings.upstream_tls
+    ctx = ssl.create_default_context(cafile=t.ca_file)
+    if not t.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class Upstream:
@@ -326,8 +447,7 @@ class Upstream:
         self._targets: dict[str, tuple[Key, bytes]] = {}
 
     async def start(self) -> None:
-        s = self.settings
-        self._pool = _Pool(s.upstream_max_connections, s.upstream_connect_timeout_s)
+        self._pool = _Pool(self.settings, tls_context(self.settings))
 
     async def stop(self) -> None:
         if self._pool is not None:
@@ -338,13 +458,14 @@ class Upstream:
         t = self._targets.get(url)
         if t is None:
             u = urlsplit(url)
-            if u.scheme != "http" or not u.hostname:
+            if u.scheme not in ("http", "https") or not u.hostname:
                 raise UpstreamUnreachable(f"Unsupported upstream URL scheme '{u.scheme}'.")
-            port = u.port or 80
+            default = 443 if u.scheme == "https" else 80
+            port = u.port or default
             path = (u.path or "/") + (f"?{u.query}" if u.query else "")
             host = u.hostname if u.port is None else f"{u.hostname}:{port}"
             head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")
-            t = ((u.hostname, port), head)
+            t = ((u.scheme, u.hostname, port), head)
             if len(self._targets) > 4096:  # replicas come and go: stay bounded
                 self._targets.clear()
             self._targets[url] = t
@@ -366,6 +487,10 @@ class Upstream:
                 conn = await pool.acquire(key)
             except TimeoutError:
                 raise UpstreamTimeout("The model's server did not answer in time.") from None
+            except ssl.SSLError as e:
+                raise UpstreamUnreachable(
+                    f"The TLS handshake with the model's server failed: {e.reason or e}."
+                ) from None
             except OSError:
                 raise UpstreamUnreachable("The model's server can't be reached.") from None
             resp = UpstreamResponse(conn, pool, self.settings.upstream_read_timeout_s)
@@ -382,6 +507,9 @@ class Upstream:
             except TimeoutError:
                 resp.close()
                 raise UpstreamTimeout("The model's server did not answer in time.") from None
+            except BadUpstreamResponse as e:
+                resp.close()
+                raise UpstreamUnreachable(f"The model's server sent a bad response: {e}.") from None
             except UpstreamClosed:
                 resp.close()
                 if gone.gone:

@@ -1,11 +1,17 @@
 """Relaying an upstream response to the ASGI client, as it arrives.
 
 Promises:
-- a streamed response is relayed one complete SSE event at a time, as it arrives, with no
-  re-encoding (see :mod:`fleetgate.proxy.usage_tap`);
-- a non-streamed one is read whole (it is small), its usage noted, and sent;
+- a streamed response is relayed in batches of complete SSE events, as they arrive, with no
+  re-encoding (see :mod:`fleetgate.proxy.usage_tap`). Splitting the byte stream into events is
+  linear in its size: each chunk is searched once, and a partial event is joined once, when it
+  completes (:class:`EventSplitter`);
+- one SSE event may be at most ``server.max_sse_event_bytes``; a bigger one ends the stream with
+  an ``upstream_response_too_large`` error event and closes the upstream connection;
+- a non-streamed one is read whole, up to ``server.max_upstream_response_bytes`` (a bigger one is
+  a 502 ``upstream_response_too_large``), its usage noted, and sent;
 - an upstream failure after the stream has started ends the stream with an OpenAI-style error
-  event; before that it raises a :class:`GatewayError` for the one error handler.
+  event; before that it raises a :class:`GatewayError` for the one error handler;
+- :attr:`UsageTap.disconnected` tells the accounting that the client left before the end.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleetgate.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
-from fleetgate.proxy.client import ClientGone, UpstreamClosed, UpstreamResponse
+from fleetgate.proxy.client import ClientGone, ResponseTooLarge, UpstreamClosed, UpstreamResponse
 from fleetgate.proxy.usage_tap import UsageTap
 
 Send = Any  # ASGI send callable
@@ -25,6 +31,64 @@ SSE_HEADERS = [
 ]
 
 
+class EventTooLarge(Exception):
+    """An SSE event grew past the bound without ending."""
+
+
+class EventSplitter:
+    """Cuts a byte stream into runs of complete SSE events (each ending in a blank line).
+
+    :meth:`feed` returns every complete event the bytes so far finish, as one ``bytes``, and
+    keeps the partial tail. The tail is kept as a list of pieces and joined once, when its
+    event completes, so an event arriving in N pieces costs O(size), not O(N * size).
+    ``copied`` counts the bytes joined, for the test that proves it.
+    """
+
+    __slots__ = ("max_event", "_parts", "_size", "copied")
+
+    def __init__(self, max_event: int) -> None:
+        self.max_event = max_event
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.copied = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        end = chunk.rfind(b"\n\n")
+        if end >= 0:
+            cut = end + 2
+        elif chunk[:1] == b"\n" and self._parts and self._parts[-1][-1:] == b"\n":
+            cut = 1  # the blank line straddles the two pieces
+        else:
+            self._keep(chunk)
+            return b""
+        if self._parts:
+            self._parts.append(chunk[:cut])
+            out = b"".join(self._parts)
+            self.copied += len(out)
+            self._parts = []
+            self._size = 0
+        else:
+            out = chunk[:cut] if cut < len(chunk) else chunk
+        if cut < len(chunk):
+            self._keep(chunk[cut:])
+        return out
+
+    def _keep(self, piece: bytes) -> None:
+        self._size += len(piece)
+        if self._size > self.max_event:
+            self._parts = []
+            self._size = 0
+            raise EventTooLarge(f"an SSE event grew past {self.max_event} bytes")
+        self._parts.append(piece)
+
+    def rest(self) -> bytes:
+        """Whatever partial event is left when the stream ends."""
+        out = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        return out
+
+
 def _headers(resp: UpstreamResponse, length: int) -> list[tuple[bytes, bytes]]:
     out = [(b"x-fleetgate-source", b"upstream"), (b"content-length", str(length).encode())]
     for name, v in resp.headers.items():
@@ -32,20 +96,26 @@ def _headers(resp: UpstreamResponse, length: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _too_large(what: str) -> UpstreamUnreachable:
+    return UpstreamUnreachable(
+        f"The model's server sent {what}; the gateway does not relay it.",
+        code="upstream_response_too_large",
+    )
+
+
 async def relay_whole(resp: UpstreamResponse, send: Send, tap: UsageTap) -> None:
-    """A non-streamed answer: read it whole (it's small), note usage, send it."""
+    """A non-streamed answer: read it whole (bounded), note usage, send it."""
     try:
         data = await resp.read()
     except TimeoutError:
         raise UpstreamTimeout("The model's server did not answer in time.") from None
     except UpstreamClosed:
         raise UpstreamUnreachable("The model's server broke the connection.") from None
+    except ResponseTooLarge:
+        raise _too_large("a response larger than server.max_upstream_response_bytes") from None
     finally:
         resp.release()
-    if resp.status == 200:
-        data = tap.body(data)
-    elif tap.rewrite is not None:
-        data = data.replace(*tap.rewrite)
+    data = tap.body(data) if resp.status == 200 else tap.apply_rewrite(data)
     await send(
         {"type": "http.response.start", "status": resp.status, "headers": _headers(resp, len(data))}
     )
@@ -55,16 +125,14 @@ async def relay_whole(resp: UpstreamResponse, send: Send, tap: UsageTap) -> None
 async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: ClientGone) -> None:
     """A streamed answer: the response has started once this is called."""
     await send({"type": "http.response.start", "status": resp.status, "headers": SSE_HEADERS})
-    buf = b""
+    split = EventSplitter(resp.max_event_bytes)
     error: GatewayError | None = None
     try:
         async for chunk in resp.iter_chunks():
-            buf += chunk
-            end = buf.rfind(b"\n\n")
-            if end < 0:
+            events = split.feed(chunk)
+            if not events:
                 continue
-            out = tap.events(buf[: end + 2])
-            buf = buf[end + 2 :]
+            out = tap.events(events)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except TimeoutError:
@@ -72,12 +140,16 @@ async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: 
     except UpstreamClosed:
         if not gone.gone:
             error = UpstreamUnreachable("The model's server broke the stream mid-way.")
+    except EventTooLarge:
+        error = _too_large("an SSE event larger than server.max_sse_event_bytes")
     finally:
         resp.close()
     if gone.gone:
+        tap.disconnected = True
         return
-    if buf.strip():
-        out = tap.events(buf + b"\n\n")
+    rest = split.rest()
+    if error is None and rest.strip():
+        out = tap.events(rest + b"\n\n")
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
     if error is None and not tap.done:

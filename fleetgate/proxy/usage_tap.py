@@ -1,38 +1,133 @@
 """Reading token usage off responses as they pass, without re-encoding what the client gets.
 
-A non-streamed body is searched for its ``usage`` object. A stream is handled one complete SSE
-event at a time: events that mention ``"usage"`` are parsed, everything else passes as bytes.
-When the gateway itself asked the upstream for ``stream_options.include_usage`` (so that every
-token is counted even when the client didn't ask), the usage-only event is dropped before it
-reaches the client, who then sees exactly the stream it asked for.
+A non-streamed body is searched for its ``usage`` object. A stream is handled one batch of
+complete SSE events at a time, mostly as bytes:
+
+- the *last* ``usage`` object seen is kept as raw bytes (found with ``rfind``, not a JSON parse)
+  and parsed once, lazily, when the counts are read. With vLLM's
+  ``stream_options.continuous_usage_stats`` every chunk carries usage, so a client that reads 20
+  of 30 tokens and leaves is still billed for what the engine produced;
+- when no usage came at all, the content events relayed are counted as completion tokens (one
+  event is one token in vLLM's and the simulator's streams), so a stream is never free;
+- when the gateway itself asked for usage (the client didn't), the usage-only event
+  (``"choices":[]``) is dropped and the ``usage`` member of other chunks is cut out, so the
+  client sees the stream it asked for;
+- the served-name rewrite turns ``"model": "<upstream name>"``, with or without whitespace
+  around the colon, into ``"model":"<public name>"`` so the internal name never leaks.
+
+Cost per event is a few ``bytes.find`` calls; only events carrying usage that must be hidden in
+a layout other than vLLM's (``usage`` as the last member) are parsed and re-serialised.
 """
 
 from __future__ import annotations
+
+import functools
+import re
 
 import orjson
 
 _USAGE = b'"usage"'
 _DONE = b"data: [DONE]"
+# `"usage": {...}` closing the event's top-level object (vLLM writes usage last). The object may
+# hold one level of nesting (`prompt_tokens_details`).
+_USAGE_TAIL = re.compile(
+    rb'\s*,\s*"usage"\s*:\s*(null|\{(?:[^{}"]|"(?:[^"\\]|\\.)*"|\{[^{}]*\})*\})\s*\}\s*\Z'
+)
+_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+
+Rewrite = tuple["re.Pattern[bytes]", bytes]
+
+
+@functools.lru_cache(maxsize=1024)
+def model_rewrite(upstream: str, public: str) -> Rewrite:
+    """The served-name rewrite: ``"model"`` set to ``upstream``, however spaced, → ``public``."""
+    name = re.escape(orjson.dumps(upstream))
+    return re.compile(rb'"model"\s*:\s*' + name), b'"model":' + orjson.dumps(public)
+
+
+def _as_rewrite(r: tuple[bytes, bytes] | Rewrite | None) -> Rewrite | None:
+    """Accepts the older literal pair ``(b'"model":"up"', b'"model":"pub"')`` too."""
+    if r is None or isinstance(r[0], re.Pattern):
+        return r
+    old, new = r
+    up = orjson.loads(old.partition(b":")[2])
+    pub = orjson.loads(new.partition(b":")[2])
+    return model_rewrite(up, pub)
 
 
 class UsageTap:
-    __slots__ = ("hide_usage_event", "rewrite", "prompt_tokens", "completion_tokens", "done")
+    __slots__ = (
+        *("hide_usage_event", "strip_chunk_usage", "rewrite", "done", "disconnected"),
+        *("content_events", "_usage_raw", "_prompt", "_completion", "_parsed"),
+    )
 
-    def __init__(self, *, hide_usage_event: bool, rewrite: tuple[bytes, bytes] | None) -> None:
+    def __init__(
+        self,
+        *,
+        hide_usage_event: bool,
+        rewrite: tuple[bytes, bytes] | Rewrite | None,
+        strip_chunk_usage: bool | None = None,
+    ) -> None:
         self.hide_usage_event = hide_usage_event
-        self.rewrite = rewrite
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        # Usage on every chunk is only there because the gateway asked for it.
+        self.strip_chunk_usage = hide_usage_event if strip_chunk_usage is None else strip_chunk_usage
+        self.rewrite = _as_rewrite(rewrite)
         self.done = False
+        #: Set by the relay when the client went away before the stream ended.
+        self.disconnected = False
+        #: Events relayed that carried generated text: the fallback count.
+        self.content_events = 0
+        self._usage_raw: bytes | None = None
+        self._prompt = 0
+        self._completion = 0
+        self._parsed = True
+
+    # -- the counts, parsed lazily ------------------------------------------------------------
+
+    def _parse(self) -> None:
+        if self._parsed:
+            return
+        self._parsed = True
+        try:
+            usage = orjson.loads(self._usage_raw or b"null")
+        except orjson.JSONDecodeError:
+            return
+        self._take(usage)
 
     def _take(self, usage: object) -> None:
         if isinstance(usage, dict):
             p = usage.get("prompt_tokens")
             c = usage.get("completion_tokens")
-            if isinstance(p, int):
-                self.prompt_tokens = p
-            if isinstance(c, int):
-                self.completion_tokens = c
+            if isinstance(p, int) and not isinstance(p, bool) and p >= 0:
+                self._prompt = p
+            if isinstance(c, int) and not isinstance(c, bool) and c >= 0:
+                self._completion = c
+
+    @property
+    def usage_seen(self) -> bool:
+        self._parse()
+        return self._usage_raw is not None or self._prompt > 0 or self._completion > 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        self._parse()
+        return self._prompt
+
+    @property
+    def completion_tokens(self) -> int:
+        self._parse()
+        if self._usage_raw is None and self._completion == 0:
+            return self.content_events
+        return self._completion
+
+    # -- bytes in, bytes out ------------------------------------------------------------------
+
+    def apply_rewrite(self, data: bytes) -> bytes:
+        if self.rewrite is None:
+            return data
+        pattern, public = self.rewrite
+        return pattern.sub(public, data)
 
     def body(self, data: bytes) -> bytes:
         """A whole (non-streamed) JSON body: note its usage, return what the client gets."""
@@ -43,37 +138,67 @@ class UsageTap:
                 obj = None
             if isinstance(obj, dict):
                 self._take(obj.get("usage"))
-        if self.rewrite is not None:
-            data = data.replace(*self.rewrite)
-        return data
+        return self.apply_rewrite(data)
 
     def events(self, chunk: bytes) -> bytes:
         """One or more complete SSE events (each ending in a blank line)."""
         if _DONE in chunk:
             self.done = True
-        if _USAGE in chunk:
+        if _USAGE in chunk or self._usage_raw is None:
             kept = []
+            changed = False
             for ev in chunk.split(b"\n\n"):
                 if not ev:
                     continue
-                if _USAGE in ev and self._usage_event(ev):
-                    continue
-                kept.append(ev + b"\n\n")
-            chunk = b"".join(kept)
-        if self.rewrite is not None:
-            chunk = chunk.replace(*self.rewrite)
-        return chunk
+                out = self._event(ev)
+                if out is not ev:
+                    changed = True
+                if out:
+                    kept.append(out + b"\n\n")
+            if changed:
+                chunk = b"".join(kept)
+        return self.apply_rewrite(chunk)
 
-    def _usage_event(self, ev: bytes) -> bool:
-        """Record usage from one event; True when the event should be hidden."""
+    def _event(self, ev: bytes) -> bytes:
+        """One event without its blank line: counted, and returned as the client gets it
+        (the very same object when unchanged, ``b""`` to drop it)."""
+        if self._usage_raw is None and _CONTENT.search(ev) is not None:
+            self.content_events += 1
+        i = ev.rfind(_USAGE)
+        if i < 0 or not ev.lstrip().startswith(b"data:"):
+            return ev
+        start = ev.rfind(b",", 0, i)
+        m = _USAGE_TAIL.match(ev, start) if start >= 0 else None
+        if m is not None:
+            raw = m.group(1)
+            if raw != b"null":
+                self._usage_raw = raw
+                self._parsed = False
+            if not (self.hide_usage_event or self.strip_chunk_usage):
+                return ev
+            if _EMPTY_CHOICES.search(ev, 0, start) is not None:
+                return b"" if self.hide_usage_event else ev
+            if self.strip_chunk_usage:
+                return ev[:start] + b"}"
+            return ev
+        return self._event_parsed(ev)
+
+    def _event_parsed(self, ev: bytes) -> bytes:
+        """The slow path: an event mentioning usage in another layout; parse it to be sure."""
         line = ev.strip()
-        if not line.startswith(b"data:"):
-            return False
         try:
             obj = orjson.loads(line[5:])
         except orjson.JSONDecodeError:
-            return False
-        if not isinstance(obj, dict):
-            return False
-        self._take(obj.get("usage"))
-        return self.hide_usage_event and obj.get("choices") == [] and obj.get("usage") is not None
+            return ev
+        if not isinstance(obj, dict) or "usage" not in obj:
+            return ev
+        usage = obj.get("usage")
+        if usage is not None:
+            self._usage_raw = orjson.dumps(usage)
+            self._parsed = False
+        if obj.get("choices") == [] and self.hide_usage_event:
+            return b""
+        if self.strip_chunk_usage and obj.get("choices") != []:
+            del obj["usage"]
+            return b"data: " + orjson.dumps(obj)
+        return ev

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from fleetgate.config import ServerSettings
-from fleetgate.errors import UpstreamTimeout, UpstreamUnreachable
-from fleetgate.proxy.client import ClientGone, Upstream
+from fleetgate.errors import Unavailable, UpstreamTimeout, UpstreamUnreachable
+from fleetgate.proxy.client import ClientGone, ResponseTooLarge, Upstream
 
 OK = b'{"ok":true}'
 
@@ -36,7 +36,7 @@ class Server:
                 head = await r.readuntil(b"\r\n\r\n")
                 path = head.split(b" ", 2)[1].decode()
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await r.readexactly(length)
+                req_body = await r.readexactly(length)
                 if path == "/close-after-read":
                     return  # read the request, answer nothing
                 if path == "/once-then-close":
@@ -52,6 +52,40 @@ class Server:
                     continue
                 if path == "/slow":
                     await asyncio.sleep(0.2)
+                if path in ("/early-hints", "/continue"):
+                    # Interim responses first, then the real one: the client must skip them.
+                    w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                            if path == "/early-hints" else b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await w.drain()
+                    await asyncio.sleep(0.05)
+                if path.startswith("/status-"):
+                    code = path.removeprefix("/status-").encode()
+                    w.write(b"HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nno" % code)
+                    await w.drain()
+                    continue
+                if path == "/trailing-bytes":
+                    # A complete answer, then bytes nobody asked for: a poisoned connection.
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + OK
+                            + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstolen")
+                    await w.drain()
+                    continue
+                if path.startswith("/big-"):
+                    n = int(path.removeprefix("/big-"))
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
+                    for _ in range(n // 65536):
+                        w.write(b"x" * 65536)
+                        await w.drain()
+                    w.write(b"x" * (n % 65536))
+                    await w.drain()
+                    continue
+                if path == "/echo":
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(req_body), req_body))
+                    await w.drain()
+                    continue
+                if path == "/hold":
+                    await asyncio.wait_for(r.read(), 30)  # hold the slot until closed
+                    return
                 if path == "/chunked":
                     w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n")
@@ -87,8 +121,10 @@ async def client(**kw) -> Upstream:
     return u
 
 
-async def post(u: Upstream, url: str, gone: ClientGone | None = None) -> tuple[int, bytes, dict]:
-    resp = await u.open(url, b'{"x":1}', {"Content-Type": "application/json"}, gone or ClientGone())
+async def post(
+    u: Upstream, url: str, gone: ClientGone | None = None, body: bytes = b'{"x":1}'
+) -> tuple[int, bytes, dict]:
+    resp = await u.open(url, body, {"Content-Type": "application/json"}, gone or ClientGone())
     try:
         return resp.status, await resp.read(), resp.headers
     finally:
@@ -183,3 +219,77 @@ async def test_client_going_away_closes_the_upstream_connection(server):
     await asyncio.wait_for(s.closed.wait(), 2)
     assert s.open_now == 0
     await u.stop()
+
+
+@pytest.mark.parametrize("path", ["/early-hints", "/continue"])
+async def test_interim_1xx_is_skipped_and_the_next_request_gets_its_own_answer(server, path):
+    s, url = server
+    u = await client()
+    status, body, _ = await post(u, url + path)
+    assert (status, body) == (200, OK)
+    # Same pooled connection, another request: it must get its own answer, not the first one's.
+    status, body, _ = await post(u, url + "/echo", body=b"second request")
+    assert (status, body) == (200, b"second request")
+    assert s.connections == 1
+    await u.stop()
+
+
+@pytest.mark.parametrize("code", ["999", "099", "101", "600"])
+async def test_status_that_cannot_be_relayed_is_502(server, code):
+    _, url = server
+    u = await client()
+    with pytest.raises(UpstreamUnreachable, match="bad response"):
+        await post(u, url + f"/status-{code}")
+    status, body, _ = await post(u, url + "/echo", body=b"after")  # the pool still works
+    assert (status, body) == (200, b"after")
+    await u.stop()
+
+
+async def test_bytes_after_the_final_response_keep_the_connection_out_of_the_pool(server):
+    s, url = server
+    u = await client()
+    assert (await post(u, url + "/trailing-bytes"))[:2] == (200, OK)
+    status, body, _ = await post(u, url + "/echo", body=b"mine")
+    assert (status, body) == (200, b"mine")  # never the "stolen" answer left on the wire
+    assert s.connections == 2
+    await u.stop()
+
+
+async def test_body_larger_than_the_bound_is_refused_not_buffered(server):
+    s, url = server
+    u = await client(max_upstream_response_bytes=256 * 1024)
+    assert len((await post(u, url + "/big-200000"))[1]) == 200000
+    with pytest.raises(ResponseTooLarge):
+        await post(u, url + "/big-3000000")
+    assert (await post(u, url + "/echo", body=b"next"))[1] == b"next"
+    await u.stop()
+
+
+async def test_connection_limit_is_per_origin_and_the_wait_is_bounded():
+    a, b = Server(), Server()
+    sa = await asyncio.start_server(a.handle, "127.0.0.1", 0)
+    sb = await asyncio.start_server(b.handle, "127.0.0.1", 0)
+    url_a = f"http://127.0.0.1:{sa.sockets[0].getsockname()[1]}"
+    url_b = f"http://127.0.0.1:{sb.sockets[0].getsockname()[1]}"
+    u = await client(upstream_max_connections=2, upstream_pool_wait_s=0.3)
+    holds = [asyncio.create_task(post(u, url_a + "/hold")) for _ in range(2)]
+    try:
+        for _ in range(100):
+            if a.open_now == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert a.open_now == 2
+        # Model B's upstream is another origin: its requests don't wait behind A's streams.
+        assert (await asyncio.wait_for(post(u, url_b + "/echo", body=b"b"), 5))[1] == b"b"
+        # A third request to A waits at most upstream_pool_wait_s, then 503 upstream_busy.
+        with pytest.raises(Unavailable) as e:
+            await asyncio.wait_for(post(u, url_a + "/ok"), 5)
+        assert e.value.error_code == "upstream_busy"
+        assert e.value.status == 503 and "retry-after" in e.value.headers
+    finally:
+        for t in holds:
+            t.cancel()
+        await asyncio.gather(*holds, return_exceptions=True)
+        await u.stop()
+        sa.close()
+        sb.close()
