@@ -321,7 +321,11 @@ class SimApp:
         interval, choices = self._interval, req.choices
         if self._ttft > 0:
             await asyncio.sleep(self._ttft)
-        head = b"".join(ev.role(j) for j in range(choices))
+        usage_each = req.continuous_usage
+        if usage_each and ev.role(0):
+            head = b"".join(ev.with_usage(ev.role(j), 0) for j in range(choices))
+        else:
+            head = b"".join(ev.role(j) for j in range(choices))
         if cut == 0:
             await _body(send, head)
             self.stats.streams_cut_total += 1
@@ -334,13 +338,19 @@ class SimApp:
                     await asyncio.sleep(delay if delay > 0 else 0)
                 else:
                     await asyncio.sleep(0)  # as fast as possible, but let others run
-            chunk = b"".join(ev.token(j, i) for j in range(choices))
+            if usage_each:
+                chunk = b"".join(ev.with_usage(ev.token(j, i), i + 1) for j in range(choices))
+            else:
+                chunk = b"".join(ev.token(j, i) for j in range(choices))
             await _body(send, head + chunk if i == 0 else chunk)
             self.stats.tokens_total += choices
             if cut is not None and i + 1 >= cut:
                 self.stats.streams_cut_total += 1
                 raise StreamCut
-        tail = b"".join(ev.final(j) for j in range(choices))
+        if usage_each:
+            tail = b"".join(ev.with_usage(ev.final(j), req.tokens) for j in range(choices))
+        else:
+            tail = b"".join(ev.final(j) for j in range(choices))
         if req.include_usage:
             tail += ev.usage()
         await send({"type": "http.response.body", "body": tail + shapes.DONE, "more_body": False})

@@ -81,6 +81,9 @@ class GenRequest:
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False
+    """vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): every chunk
+    carries ``usage``, its ``completion_tokens`` being that choice's tokens so far."""
 
     @property
     def completion_tokens(self) -> int:
@@ -132,8 +135,11 @@ def parse_generation(kind: Kind, body: dict[str, Any]) -> GenRequest:
     stream = body.get("stream") is True
     opts = body.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
+    continuous = (
+        include_usage and isinstance(opts, dict) and opts.get("continuous_usage_stats") is True
+    )
     return GenRequest(
-        kind, model, tokens, finish, n * prompts, prompt_tokens, stream, include_usage
+        kind, model, tokens, finish, n * prompts, prompt_tokens, stream, include_usage, continuous
     )
 
 
@@ -242,6 +248,14 @@ class StreamShapes:
 
     def usage(self) -> bytes:
         return self._head + b'],"usage":' + orjson.dumps(_usage(self._req)) + b"}\n\n"
+
+    def with_usage(self, event: bytes, completion_tokens: int) -> bytes:
+        """``event`` with vLLM's continuous usage as its last member (before ``}\\n\\n``)."""
+        p = self._req.prompt_tokens
+        return event[:-3] + (
+            b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
+            % (p, p + completion_tokens, completion_tokens)
+        )
 
 
 def parse_embedding(body: dict[str, Any], default_dim: int) -> tuple[list[Any], int, bool]:

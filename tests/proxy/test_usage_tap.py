@@ -37,3 +37,63 @@ def test_garbage_events_pass_through():
     ev = b'data: {"usage": oops\n\n'
     assert t.events(ev) == ev
     assert t.body(b'{"usage": nope') == b'{"usage": nope'
+
+
+def _token(i: int, usage: bool = False, model: str = "up") -> bytes:
+    u = f',"usage":{{"prompt_tokens":4,"completion_tokens":{i + 1},"total_tokens":{i + 5}}}'
+    return (
+        f'data: {{"id":"x","model":"{model}","choices":[{{"index":0,"delta":{{"content":"t{i}"}},'
+        f'"finish_reason":null}}]{u if usage else ""}}}\n\n'
+    ).encode()
+
+
+ROLE_EV = b'data: {"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+FINAL_EV = b'data: {"id":"x","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n'
+
+
+def test_rewrite_matches_the_model_however_the_json_is_spaced():
+    pair = (b'"model":"up"', b'"model":"pub"')  # the form the gateway builds
+    for spelled in (b'"model":"up"', b'"model": "up"', b'"model" : "up"', b'"model":\n  "up"'):
+        t = UsageTap(hide_usage_event=False, rewrite=pair)
+        assert t.body(b'{"id":"x",' + spelled + b',"choices":[]}') == (
+            b'{"id":"x","model":"pub","choices":[]}'
+        )
+        ev = b'data: {"id":"x",' + spelled + b',"choices":[]}\n\n'
+        assert b'"up"' not in t.events(ev)
+    # A name that merely starts like the upstream name is left alone.
+    t = UsageTap(hide_usage_event=False, rewrite=pair)
+    assert t.body(b'{"model": "upper"}') == b'{"model": "upper"}'
+
+
+def test_last_continuous_usage_counts_a_stream_the_client_left_early():
+    t = UsageTap(hide_usage_event=False, rewrite=None)
+    t.events(b"".join(_token(i, usage=True) for i in range(20)))  # 20 of 30, then gone
+    assert (t.prompt_tokens, t.completion_tokens) == (4, 20)
+
+
+def test_without_any_usage_the_relayed_content_events_are_counted():
+    t = UsageTap(hide_usage_event=True, rewrite=None)
+    t.events(ROLE_EV + b"".join(_token(i) for i in range(20)) + FINAL_EV)
+    assert (t.prompt_tokens, t.completion_tokens) == (0, 20)
+    assert not t.usage_seen
+
+
+def test_usage_the_gateway_added_is_cut_from_every_chunk_and_the_usage_event_dropped():
+    t = UsageTap(hide_usage_event=True, rewrite=None)
+    stream = b"".join(_token(i, usage=True) for i in range(3)) + USAGE_EV + DONE
+    out = t.events(stream)
+    assert out == b"".join(_token(i) for i in range(3)) + DONE
+    assert (t.prompt_tokens, t.completion_tokens) == (3, 7)  # the final usage event's
+
+
+def test_client_that_asked_for_final_usage_keeps_it_but_not_the_per_chunk_usage():
+    t = UsageTap(hide_usage_event=False, strip_chunk_usage=True, rewrite=None)
+    out = t.events(_token(0, usage=True) + USAGE_EV + DONE)
+    assert out == _token(0) + USAGE_EV + DONE
+
+
+def test_usage_in_an_unusual_layout_is_still_read_and_hidden():
+    ev = b'data: {"usage": {"prompt_tokens": 2, "completion_tokens": 9}, "choices": []}\n\n'
+    t = UsageTap(hide_usage_event=True, rewrite=None)
+    assert t.events(ev + DONE) == DONE
+    assert (t.prompt_tokens, t.completion_tokens) == (2, 9)
