@@ -65,6 +65,9 @@ class AuthSettings(_Model):
     cache_ttl_s: float = Field(300.0, gt=0)
     revocation_poll_s: float = Field(1.0, gt=0)
     negative_cache_size: int = Field(10000, ge=0)
+    # Fail-closed thresholds; None: max(5 s, 5 polls) and max(30 s, 10 polls).
+    store_stale_after_s: float | None = Field(None, gt=0)
+    store_hang_after_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _tokens_fit_mode(self) -> AuthSettings:

@@ -88,6 +88,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(GatewayError):
+    """The change clashes with what is stored: a name taken, a group still in use."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"

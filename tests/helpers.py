@@ -15,9 +15,7 @@ import httpx
 
 from fleetgate import config
 from fleetgate.app import Gateway
-from fleetgate.auth import keys as keyfmt
 from fleetgate.localnet import free_port, wait_http  # noqa: F401  (re-exported for tests)
-from fleetgate.store import repo
 
 FLEETGATE = [sys.executable, "-c", "from fleetgate.cli.main import main; main()"]
 
@@ -103,8 +101,18 @@ class GW:
         self.client = client
 
     def key(self, name: str = "k", models: list[str] | None = None, **kw: Any) -> str:
-        k = keyfmt.generate()
-        repo.insert_key(self.app.engine, name=name, prefix=keyfmt.display_prefix(k),
-                        digest=keyfmt.digest(k), models=models, expires_at=kw.get("expires_at"),
-                        admin=kw.get("admin", False))
+        """A key made by the same service as ``fleetgate keys create``."""
+        from sqlalchemy import update
+
+        from fleetgate.services import Context
+        from fleetgate.services.keys import create_key
+        from fleetgate.store.tables import api_keys
+
+        assert self.app.engine is not None
+        k, rec = create_key(Context(self.app.engine, self.app.settings), name=name, models=models,
+                            admin=kw.get("admin", False), user=kw.get("user"))
+        if kw.get("expires_at") is not None:  # the service refuses a key expired already
+            with self.app.engine.begin() as c:
+                c.execute(update(api_keys).where(api_keys.c.id == rec.id)
+                          .values(expires_at=kw["expires_at"]))
         return k

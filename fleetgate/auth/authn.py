@@ -9,6 +9,18 @@ key created since the last load is looked up, once, in a worker thread. A contro
 If that poll keeps failing, the store is treated as unreadable and every request is refused
 (fail closed) until it succeeds again. ``last used`` times are collected in memory and written in
 batches by the same task, never inline.
+
+A key's :class:`Principal` (its user, role, groups and effective model access, compiled) is built
+when the key is loaded into the cache, never per request. Anything that changes what a key may do
+(revocation, rotation, disabling its user, a change to the user's or a group's model list) bumps
+the key's ``updated_at`` in the store, so it reaches the cache through the same poll. During a
+rotation's overlap both the new and the old value are cached and resolve to the same key id; the
+old value's entry expires when the overlap ends. A disabled user's keys are refused like revoked
+ones.
+
+In ``static`` mode each token gets a stable identity of its own: user and name
+``static-<8 hex of the token's digest>``, role ``admin`` for ``auth.admin_tokens``. Every token
+is compared, without an early exit, so the time taken doesn't say which one matched.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from fleetgate.auth import keys
+from fleetgate.auth import access, keys
 from fleetgate.auth.principals import ANONYMOUS, Principal
 from fleetgate.config import AuthSettings
 from fleetgate.errors import AuthError, StoreUnavailable
@@ -64,8 +76,30 @@ def bearer_token(header: bytes | None) -> str:
     return token
 
 
+def readable(
+    now: float, failing_since: float | None, poll_started: float | None, stale_after: float,
+    hang_after: float,
+) -> bool:
+    """Whether the key store counts as readable (pure; times are ``time.monotonic()``)."""
+    if failing_since is not None and now - failing_since > stale_after:
+        return False
+    return poll_started is None or now - poll_started <= hang_after
+
+
+def _epoch(t: dt.datetime | None) -> float | None:
+    return t.replace(tzinfo=dt.UTC).timestamp() if t is not None else None
+
+
+def _static_principal(token: str, role: str) -> tuple[bytes, Principal]:
+    d = keys.digest(token)
+    who = f"static-{d[:8]}"
+    return d.encode(), Principal(name=who, user=who, role=role)
+
+
 def _invalid(token: str) -> AuthError:
-    shown = keys.display_prefix(token) if token.startswith(keys.KEY_PREFIX) else None
+    # Only a well-formed key's display prefix is shown: of a short or foreign secret, even a
+    # prefix could be most of it.
+    shown = keys.display_prefix(token) if keys.well_formed(token) else None
     where = f" (key starting '{shown}')" if shown else ""
     return AuthError(f"Incorrect API key provided{where}.", code="invalid_api_key")
 
@@ -76,8 +110,9 @@ class Authenticator:
         self.engine = engine
         self._cache: dict[str, _Entry] = {}
         self._negative: OrderedDict[str, float] = OrderedDict()
-        self._static = [keys.digest(t).encode() for t in settings.tokens]
-        self._static_admin = [keys.digest(t).encode() for t in settings.admin_tokens]
+        self._static = [_static_principal(t, "user") for t in settings.tokens] + [
+            _static_principal(t, "admin") for t in settings.admin_tokens
+        ]
         self._last_used: dict[int, dt.datetime] = {}
         self._failing_since: float | None = None  # first failure of the current streak
         self._poll_started: float | None = None  # the poll in flight, if any
@@ -85,18 +120,29 @@ class Authenticator:
         self._loaded_at = -float("inf")
         # Failing polls for this long, or one poll hanging for hang_after, and the store counts
         # as unreadable. A poll that is merely slow (the machine is saturated) doesn't count.
-        self._stale_after = max(5.0, 5 * settings.revocation_poll_s)
-        self._hang_after = max(30.0, 10 * settings.revocation_poll_s)
+        poll = settings.revocation_poll_s
+        self._stale_after = settings.store_stale_after_s or max(5.0, 5 * poll)
+        self._hang_after = settings.store_hang_after_s or max(30.0, 10 * poll)
 
     # -- request path -------------------------------------------------------------------------
+
+    @property
+    def stale_after_s(self) -> float:
+        """Polls failing for longer than this and the store counts as unreadable."""
+        return self._stale_after
+
+    @property
+    def hang_after_s(self) -> float:
+        """One poll running for longer than this and the store counts as unreadable."""
+        return self._hang_after
 
     def store_readable(self) -> bool:
         if self.settings.mode != "keys":
             return True
-        now = time.monotonic()
-        if self._failing_since is not None and now - self._failing_since > self._stale_after:
-            return False
-        return self._poll_started is None or now - self._poll_started <= self._hang_after
+        return readable(
+            time.monotonic(), self._failing_since, self._poll_started, self._stale_after,
+            self._hang_after,
+        )
 
     async def authenticate(self, header: bytes | None) -> Principal:
         mode = self.settings.mode
@@ -105,16 +151,13 @@ class Authenticator:
         token = bearer_token(header)
         if mode == "static":
             d = keys.digest(token).encode()
-            user = admin = False
-            for s in self._static:  # no early exit: constant time over the token lists
-                user |= hmac.compare_digest(d, s)
-            for s in self._static_admin:
-                admin |= hmac.compare_digest(d, s)
-            if admin:
-                return Principal(name="static-admin-token", admin=True)
-            if not user:
+            found: Principal | None = None
+            for s_digest, principal in self._static:  # no early exit: constant time over tokens
+                if hmac.compare_digest(d, s_digest):
+                    found = principal
+            if found is None:
                 raise _invalid(token)
-            return Principal(name="static-token")
+            return found
         return await self._from_store(token)
 
     async def _from_store(self, token: str) -> Principal:
@@ -141,24 +184,39 @@ class Authenticator:
         return p
 
     @staticmethod
-    def _entry(rec: repo.KeyRecord, now: float) -> _Entry:
-        exp = rec.expires_at.replace(tzinfo=dt.UTC).timestamp() if rec.expires_at else None
+    def _entries(g: repo.KeyGrant, now: float) -> dict[str, _Entry]:
+        """The cache entries of one key: its value, and its old value while rotating."""
+        rec = g.key
         principal = Principal(
             name=rec.name,
             key_id=rec.id,
             key_prefix=rec.prefix,
-            models=frozenset(rec.models) if rec.models is not None else None,
-            admin=rec.admin,
+            user=g.user,
+            user_id=g.user_id,
+            role=g.role,
+            groups=tuple(name for name, _ in g.groups),
+            access=access.effective(
+                g.user, g.role, [models for _, models in g.groups], g.user_models, rec.models
+            ),
         )
-        return _Entry(principal, exp, now)
+        exp = _epoch(rec.expires_at)
+        out = {rec.digest: _Entry(principal, exp, now)}
+        prev, until = rec.previous_digest, _epoch(rec.previous_valid_until)
+        if prev is not None and until is not None and now < until:
+            # The old value stops when the overlap ends (or the key expires, if that is sooner).
+            out[prev] = _Entry(principal, until if exp is None else min(exp, until), now)
+        return out
 
     async def reload(self) -> int:
         """Replace the cache with every active key in the store. Returns how many."""
         assert self.engine is not None
         started = repo.utcnow()
-        records = await asyncio.to_thread(repo.active_keys, self.engine)
+        records = await asyncio.to_thread(repo.active_grants, self.engine)
         now = time.time()
-        self._cache = {r.digest: self._entry(r, now) for r in records}
+        cache: dict[str, _Entry] = {}
+        for g in records:
+            cache.update(self._entries(g, now))
+        self._cache = cache
         self._negative.clear()
         self._loaded_at = time.monotonic()
         # Changes after the query started are still seen by the next poll.
@@ -168,18 +226,24 @@ class Authenticator:
     async def _load(self, d: str, token: str, now: float) -> _Entry:
         assert self.engine is not None
         try:
-            rec = await asyncio.to_thread(repo.get_key_by_digest, self.engine, d)
+            rec = await asyncio.to_thread(repo.grant_by_digest, self.engine, d)
         except Exception as e:  # the store is down: fail closed
             log.warning("key store lookup failed: %s", type(e).__name__)
             raise StoreUnavailable(
                 "The key store can't be read; refusing requests.", retry_after=5
             ) from None
-        if rec is None or not hmac.compare_digest(rec.digest, d) or rec.revoked_at is not None:
+        entries = self._entries(rec, now) if rec is not None else {}
+        entry = entries.get(d)
+        if (
+            rec is None
+            or entry is None
+            or rec.key.revoked_at is not None
+            or not rec.user_enabled
+        ):  # unknown, revoked, the user disabled, or an old value whose overlap has ended
             self._remember_invalid(d, now)
             self._cache.pop(d, None)
             raise _invalid(token)
-        entry = self._entry(rec, now)
-        self._cache[d] = entry
+        self._cache.update(entries)
         return entry
 
     def _remember_invalid(self, d: str, now: float) -> None:
@@ -193,10 +257,12 @@ class Authenticator:
 
     # -- control plane ------------------------------------------------------------------------
 
-    def _poll(self, since: dt.datetime, last_used: dict[int, dt.datetime]) -> list[str]:
+    def _poll(
+        self, since: dt.datetime, last_used: dict[int, dt.datetime]
+    ) -> list[tuple[int, str, str | None]]:
         """Blocking store work for one refresh: runs in a worker thread, touches no shared state."""
         assert self.engine is not None
-        changed = repo.digests_changed_since(self.engine, since)
+        changed = repo.changed_since(self.engine, since)
         repo.touch_last_used(self.engine, last_used)
         return changed
 
@@ -212,9 +278,17 @@ class Authenticator:
             for k, v in pending.items():  # keep them for the next round
                 self._last_used.setdefault(k, v)
             raise
-        for d in changed:
-            self._cache.pop(d, None)
-            self._negative.pop(d, None)
+        if changed:
+            ids = set()
+            for key_id, d, prev in changed:
+                ids.add(key_id)
+                for x in (d, prev):
+                    if x is not None:
+                        self._cache.pop(x, None)
+                        self._negative.pop(x, None)
+            # A value dropped from the store (an earlier rotation's) is found by its key id.
+            for x in [x for x, e in self._cache.items() if e.principal.key_id in ids]:
+                del self._cache[x]
         self._poll_since = started
 
     async def run_refresher(self) -> None:

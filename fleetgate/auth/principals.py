@@ -1,20 +1,68 @@
-"""Who is calling. Computed once per key, cached, and passed downstream instead of the key."""
+"""Who is calling. Computed once per key when it is loaded into the cache, then passed downstream
+instead of the key.
+
+A :class:`Principal` carries the key (display name, stable id, display prefix), its user (name,
+id, role, groups) and the key's *effective* model access, already compiled: the intersection of
+the user's access and the key's own list (see :mod:`fleetgate.auth.access`). Nothing here reads
+the store; :meth:`Principal.allows` is one memoised dict lookup per model name.
+
+``Principal(name=..., models=..., admin=...)`` is still accepted, for callers written before
+users existed: ``models`` narrows ``access`` and ``admin=True`` means role ``admin``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from fleetgate.auth.access import DEFAULT_USER, EVERYTHING, ModelAccess
 
-@dataclass(frozen=True, slots=True)
+ROLES = ("admin", "user")
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Principal:
     name: str
-    key_id: int | None = None
-    key_prefix: str | None = None
-    models: frozenset[str] | None = None  # None: every configured model
-    admin: bool = False
+    key_id: int | None
+    key_prefix: str | None
+    user: str
+    user_id: int | None
+    role: str
+    groups: tuple[str, ...]
+    access: ModelAccess
+
+    def __init__(
+        self,
+        name: str,
+        key_id: int | None = None,
+        key_prefix: str | None = None,
+        user: str = DEFAULT_USER,
+        user_id: int | None = None,
+        role: str = "user",
+        groups: tuple[str, ...] = (),
+        access: ModelAccess = EVERYTHING,
+        *,
+        models: Iterable[str] | None = None,
+        admin: bool = False,
+    ) -> None:
+        if admin:
+            role = "admin"
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        if models is not None:
+            access = access.narrowed(tuple(models))
+        for field, value in (
+            ("name", name), ("key_id", key_id), ("key_prefix", key_prefix), ("user", user),
+            ("user_id", user_id), ("role", role), ("groups", tuple(groups)), ("access", access),
+        ):
+            object.__setattr__(self, field, value)
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
 
     def allows(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        return self.access.allows(model)
 
 
-ANONYMOUS = Principal(name="anonymous")
+ANONYMOUS = Principal(name="anonymous", user="anonymous")

@@ -27,6 +27,9 @@ def _register() -> None:
     for mod, names in (
         ("fleetgate.cli.serve", ("serve", "check_config", "demo")),
         ("fleetgate.cli.keys", ("keys",)),
+        ("fleetgate.cli.users", ("users",)),
+        ("fleetgate.cli.groups", ("groups",)),
+        ("fleetgate.cli.audit", ("audit",)),
         ("fleetgate.cli.usage", ("usage",)),
         ("fleetgate.cli.sim", ("sim",)),
         ("fleetgate.cli.fleet", ("up", "down", "status")),

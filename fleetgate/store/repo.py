@@ -1,18 +1,44 @@
-"""Queries. Every function takes an Engine and blocks: call them from a thread on the server.
+"""Queries. Every function blocks: call them from a thread on the server.
 
-This is the only module that writes SQL for keys and usage; the CLI and the server share it.
+This is the only module that writes SQL for keys, users, groups, the audit log and usage; the
+CLI, the services and the server share it. Functions that take ``bind`` accept an Engine (they
+run in a transaction of their own) or a Connection (they join the caller's transaction, so a
+service can change a user, bump its keys' ``updated_at`` and write the audit row atomically).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
-from fleetgate.store.tables import api_keys, usage_events
+from fleetgate.store.tables import api_keys, audit_log, groups, usage_events, user_groups, users
+
+Bind = Engine | Connection
+
+
+@contextlib.contextmanager
+def _tx(bind: Bind) -> Iterator[Connection]:
+    if isinstance(bind, Connection):
+        yield bind
+    else:
+        with bind.begin() as conn:
+            yield conn
 
 
 def utcnow() -> dt.datetime:
@@ -31,27 +57,48 @@ class KeyRecord:
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
+    user_id: int | None = None
+    previous_digest: str | None = None
+    previous_valid_until: dt.datetime | None = None
+    rotated_at: dt.datetime | None = None
+
+    def rotating(self, now: dt.datetime) -> bool:
+        """Whether the previous value still works (a rotation's overlap hasn't ended)."""
+        until = self.previous_valid_until
+        return self.previous_digest is not None and until is not None and now < until
+
+
+def _tuple(v: Any) -> tuple[str, ...] | None:
+    return tuple(v) if v is not None else None
 
 
 def _record(row: object) -> KeyRecord:
     m = row._mapping  # type: ignore[attr-defined]
-    models = m["models"]
     return KeyRecord(
         id=m["id"],
         name=m["name"],
         prefix=m["prefix"],
         digest=m["digest"],
-        models=tuple(models) if models is not None else None,
+        models=_tuple(m["models"]),
         admin=bool(m["admin"]),
         created_at=m["created_at"],
         expires_at=m["expires_at"],
         revoked_at=m["revoked_at"],
         last_used_at=m["last_used_at"],
+        user_id=m["user_id"],
+        previous_digest=m["previous_digest"],
+        previous_valid_until=m["previous_valid_until"],
+        rotated_at=m["rotated_at"],
     )
 
 
+def builtin_user_id(bind: Bind, name: str) -> int:
+    with _tx(bind) as conn:
+        return int(conn.execute(select(users.c.id).where(users.c.name == name)).scalar_one())
+
+
 def insert_key(
-    engine: Engine,
+    bind: Bind,
     *,
     name: str,
     prefix: str,
@@ -59,9 +106,13 @@ def insert_key(
     models: Sequence[str] | None,
     expires_at: dt.datetime | None,
     admin: bool = False,
+    user_id: int | None = None,
 ) -> KeyRecord:
+    """Insert a key. Without ``user_id`` it belongs to the built-in ``admin`` or ``default``."""
     now = utcnow()
-    with engine.begin() as conn:
+    with _tx(bind) as conn:
+        if user_id is None:
+            user_id = builtin_user_id(conn, "admin" if admin else "default")
         res = conn.execute(
             insert(api_keys).values(
                 name=name,
@@ -72,6 +123,7 @@ def insert_key(
                 created_at=now,
                 expires_at=expires_at,
                 updated_at=now,
+                user_id=user_id,
             )
         )
         key_id = res.inserted_primary_key[0]  # type: ignore[index]
@@ -79,9 +131,18 @@ def insert_key(
     return _record(row)
 
 
-def list_keys(engine: Engine) -> list[KeyRecord]:
-    with engine.connect() as conn:
-        return [_record(r) for r in conn.execute(select(api_keys).order_by(api_keys.c.id))]
+def list_keys(bind: Bind, user_id: int | None = None) -> list[KeyRecord]:
+    q = select(api_keys).order_by(api_keys.c.id)
+    if user_id is not None:
+        q = q.where(api_keys.c.user_id == user_id)
+    with _tx(bind) as conn:
+        return [_record(r) for r in conn.execute(q)]
+
+
+def get_key(bind: Bind, key_id: int) -> KeyRecord | None:
+    with _tx(bind) as conn:
+        row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+    return _record(row) if row is not None else None
 
 
 def get_key_by_digest(engine: Engine, digest: str) -> KeyRecord | None:
@@ -90,10 +151,13 @@ def get_key_by_digest(engine: Engine, digest: str) -> KeyRecord | None:
     return _record(row) if row is not None else None
 
 
-def revoke_key(engine: Engine, key_id: int) -> bool:
-    """Revoke; returns False when no such key exists. Revoking twice is harmless."""
+def revoke_key(bind: Bind, key_id: int) -> bool:
+    """Revoke; returns False when no such key exists. Revoking twice is harmless.
+
+    A rotation's old value stops with it.
+    """
     now = utcnow()
-    with engine.begin() as conn:
+    with _tx(bind) as conn:
         exists = conn.execute(select(api_keys.c.id).where(api_keys.c.id == key_id)).first()
         if exists is None:
             return False
@@ -105,11 +169,61 @@ def revoke_key(engine: Engine, key_id: int) -> bool:
     return True
 
 
-def digests_changed_since(engine: Engine, since: dt.datetime) -> list[str]:
-    with engine.connect() as conn:
-        return list(
-            conn.execute(select(api_keys.c.digest).where(api_keys.c.updated_at >= since)).scalars()
+def rotate_key(
+    bind: Bind, key_id: int, *, prefix: str, digest: str, previous_valid_until: dt.datetime | None
+) -> KeyRecord:
+    """Give key ``key_id`` a new value; the old one works until ``previous_valid_until``.
+
+    ``None`` stops the old value at once. A value from an earlier rotation still in its overlap
+    is dropped: only the newest previous value is kept.
+    """
+    now = utcnow()
+    with _tx(bind) as conn:
+        old = conn.execute(select(api_keys.c.digest).where(api_keys.c.id == key_id)).scalar_one()
+        keep = previous_valid_until is not None and previous_valid_until > now
+        conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id)
+            .values(
+                digest=digest,
+                prefix=prefix,
+                previous_digest=old if keep else None,
+                previous_valid_until=previous_valid_until if keep else None,
+                rotated_at=now,
+                updated_at=now,
+            )
         )
+        return _record(conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one())
+
+
+def touch_keys_of(bind: Bind, user_ids: Iterable[int]) -> int:
+    """Bump ``updated_at`` on every key of these users, so gateways reload them. Returns how many."""
+    ids = sorted(set(user_ids))
+    if not ids:
+        return 0
+    with _tx(bind) as conn:
+        res = conn.execute(
+            update(api_keys).where(api_keys.c.user_id.in_(ids)).values(updated_at=utcnow())
+        )
+        return int(res.rowcount or 0)
+
+
+def changed_since(engine: Engine, since: dt.datetime) -> list[tuple[int, str, str | None]]:
+    """``(id, digest, previous digest)`` of every key changed since ``since``: the change feed."""
+    q = select(api_keys.c.id, api_keys.c.digest, api_keys.c.previous_digest).where(
+        api_keys.c.updated_at >= since
+    )
+    with engine.connect() as conn:
+        return [(r[0], r[1], r[2]) for r in conn.execute(q)]
+
+
+def digests_changed_since(engine: Engine, since: dt.datetime) -> list[str]:
+    out: list[str] = []
+    for _, d, prev in changed_since(engine, since):
+        out.append(d)
+        if prev is not None:
+            out.append(prev)
+    return out
 
 
 def touch_last_used(engine: Engine, last_used: dict[int, dt.datetime]) -> None:
@@ -131,6 +245,285 @@ def active_keys(engine: Engine) -> list[KeyRecord]:
     with engine.connect() as conn:
         rows = conn.execute(select(api_keys).where(api_keys.c.revoked_at.is_(None)))
         return [_record(r) for r in rows]
+
+
+# -- what the authenticator loads: a key with its user and the user's groups ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """One key as the gateway caches it, with everything its principal is computed from."""
+
+    key: KeyRecord
+    user_id: int
+    user: str
+    role: str
+    user_enabled: bool
+    user_models: tuple[str, ...] | None
+    groups: tuple[tuple[str, tuple[str, ...]], ...]  # (group name, its patterns)
+
+
+def _grants(conn: Connection, where: Any) -> list[KeyGrant]:
+    # A key inserted without an owner (by a pre-0002 gateway, or in bulk) belongs to the built-in
+    # user its admin flag names, as the migration assigns it.
+    builtin = {n: i for n, i in conn.execute(select(users.c.name, users.c.id).where(
+        users.c.name.in_(("default", "admin"))))}
+    owner = func.coalesce(
+        api_keys.c.user_id,
+        case((api_keys.c.admin.is_(True), builtin.get("admin")), else_=builtin.get("default")),
+    )
+    q = (
+        select(api_keys, users.c.id.label("u_id"), users.c.name.label("u_name"),
+               users.c.role.label("u_role"), users.c.enabled.label("u_enabled"),
+               users.c.models.label("u_models"))
+        .join(users, users.c.id == owner)
+        .where(where)
+    )
+    rows = list(conn.execute(q))
+    uids = {r._mapping["u_id"] for r in rows}
+    member: dict[int, list[tuple[str, tuple[str, ...]]]] = {}
+    if uids:
+        gq = (
+            select(user_groups.c.user_id, groups.c.name, groups.c.models)
+            .join(groups, groups.c.id == user_groups.c.group_id)
+            .where(user_groups.c.user_id.in_(sorted(uids)))
+            .order_by(groups.c.name)
+        )
+        for uid, gname, gmodels in conn.execute(gq):
+            member.setdefault(uid, []).append((gname, tuple(gmodels or ())))
+    out = []
+    for r in rows:
+        m = r._mapping
+        out.append(KeyGrant(
+            key=_record(r), user_id=m["u_id"], user=m["u_name"], role=m["u_role"], user_enabled=bool(m["u_enabled"]),
+            user_models=_tuple(m["u_models"]), groups=tuple(member.get(m["u_id"], ())),
+        ))
+    return out
+
+
+def active_grants(engine: Engine) -> list[KeyGrant]:
+    """Every key not revoked whose user is enabled, with its user and groups."""
+    with engine.connect() as conn:
+        return _grants(conn, (api_keys.c.revoked_at.is_(None)) & (users.c.enabled.is_(True)))
+
+
+def grant_by_digest(engine: Engine, digest: str) -> KeyGrant | None:
+    """The key whose current or previous (rotating) value has this digest."""
+    with engine.connect() as conn:
+        found = _grants(
+            conn, or_(api_keys.c.digest == digest, api_keys.c.previous_digest == digest)
+        )
+    return found[0] if found else None
+
+
+# -- users and groups -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    id: int
+    name: str
+    role: str
+    source: str
+    models: tuple[str, ...] | None
+    enabled: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    id: int
+    name: str
+    models: tuple[str, ...]
+    weight: float
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    members: tuple[str, ...]
+
+
+def _memberships(conn: Connection) -> list[tuple[int, int, str, str]]:
+    """(user id, group id, user name, group name) for every membership, by names."""
+    q = (
+        select(user_groups.c.user_id, user_groups.c.group_id, users.c.name, groups.c.name)
+        .join(users, users.c.id == user_groups.c.user_id)
+        .join(groups, groups.c.id == user_groups.c.group_id)
+        .order_by(users.c.name, groups.c.name)
+    )
+    return [(a, b, c, d) for a, b, c, d in conn.execute(q)]
+
+
+def list_users(bind: Bind, name: str | None = None) -> list[UserRecord]:
+    with _tx(bind) as conn:
+        q = select(users).order_by(users.c.name)
+        if name is not None:
+            q = q.where(users.c.name == name)
+        rows = list(conn.execute(q))
+        by_user: dict[int, list[str]] = {}
+        for uid, _, _, gname in _memberships(conn):
+            by_user.setdefault(uid, []).append(gname)
+    return [
+        UserRecord(
+            id=m["id"], name=m["name"], role=m["role"], source=m["source"],
+            models=_tuple(m["models"]), enabled=bool(m["enabled"]), created_at=m["created_at"],
+            updated_at=m["updated_at"], groups=tuple(by_user.get(m["id"], ())),
+        )
+        for m in (r._mapping for r in rows)
+    ]
+
+
+def get_user(bind: Bind, name: str) -> UserRecord | None:
+    found = list_users(bind, name)
+    return found[0] if found else None
+
+
+def user_names(bind: Bind) -> dict[int, str]:
+    with _tx(bind) as conn:
+        return {i: n for i, n in conn.execute(select(users.c.id, users.c.name))}
+
+
+def insert_user(
+    bind: Bind, *, name: str, role: str, models: Sequence[str] | None, source: str = "local"
+) -> int:
+    now = utcnow()
+    with _tx(bind) as conn:
+        res = conn.execute(insert(users).values(
+            name=name, role=role, source=source, enabled=True, created_at=now, updated_at=now,
+            models=list(models) if models is not None else None,
+        ))
+        return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+
+def update_user(bind: Bind, user_id: int, **values: Any) -> None:
+    """Set columns of one user (``role``, ``models``, ``enabled``) and bump its keys."""
+    if "models" in values and values["models"] is not None:
+        values["models"] = list(values["models"])
+    with _tx(bind) as conn:
+        conn.execute(update(users).where(users.c.id == user_id).values(
+            **values, updated_at=utcnow()))
+        touch_keys_of(conn, [user_id])
+
+
+def delete_user(bind: Bind, user_id: int) -> None:
+    with _tx(bind) as conn:
+        conn.execute(delete(user_groups).where(user_groups.c.user_id == user_id))
+        conn.execute(delete(users).where(users.c.id == user_id))
+
+
+def set_groups(
+    bind: Bind, user_id: int, add: Iterable[int] = (), remove: Iterable[int] = (),
+    source: str = "manual",
+) -> None:
+    """Add and remove memberships of one user (adding one twice is harmless); bumps its keys."""
+    with _tx(bind) as conn:
+        have = set(conn.execute(
+            select(user_groups.c.group_id).where(user_groups.c.user_id == user_id)).scalars())
+        rm = set(remove) & have
+        if rm:
+            conn.execute(delete(user_groups).where(
+                user_groups.c.user_id == user_id, user_groups.c.group_id.in_(sorted(rm))))
+        new = sorted(set(add) - have)
+        if new:
+            conn.execute(insert(user_groups), [
+                {"user_id": user_id, "group_id": g, "source": source} for g in new])
+        touch_keys_of(conn, [user_id])
+
+
+def list_groups(bind: Bind, name: str | None = None) -> list[GroupRecord]:
+    with _tx(bind) as conn:
+        q = select(groups).order_by(groups.c.name)
+        if name is not None:
+            q = q.where(groups.c.name == name)
+        rows = list(conn.execute(q))
+        by_group: dict[int, list[str]] = {}
+        for _, gid, uname, _ in _memberships(conn):
+            by_group.setdefault(gid, []).append(uname)
+    return [
+        GroupRecord(
+            id=m["id"], name=m["name"], models=tuple(m["models"] or ()), weight=float(m["weight"]),
+            created_at=m["created_at"], updated_at=m["updated_at"],
+            members=tuple(by_group.get(m["id"], ())),
+        )
+        for m in (r._mapping for r in rows)
+    ]
+
+
+def get_group(bind: Bind, name: str) -> GroupRecord | None:
+    found = list_groups(bind, name)
+    return found[0] if found else None
+
+
+def insert_group(bind: Bind, *, name: str, models: Sequence[str], weight: float) -> int:
+    now = utcnow()
+    with _tx(bind) as conn:
+        res = conn.execute(insert(groups).values(
+            name=name, models=list(models), weight=weight, created_at=now, updated_at=now))
+        return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+
+def _member_ids(conn: Connection, group_id: int) -> list[int]:
+    q = select(user_groups.c.user_id).where(user_groups.c.group_id == group_id)
+    return list(conn.execute(q).scalars())
+
+
+def update_group(bind: Bind, group_id: int, **values: Any) -> None:
+    """Set ``models`` and/or ``weight`` of one group and bump every member's keys."""
+    if "models" in values:
+        values["models"] = list(values["models"])
+    with _tx(bind) as conn:
+        conn.execute(update(groups).where(groups.c.id == group_id).values(
+            **values, updated_at=utcnow()))
+        touch_keys_of(conn, _member_ids(conn, group_id))
+
+
+def delete_group(bind: Bind, group_id: int) -> None:
+    with _tx(bind) as conn:
+        touch_keys_of(conn, _member_ids(conn, group_id))
+        conn.execute(delete(user_groups).where(user_groups.c.group_id == group_id))
+        conn.execute(delete(groups).where(groups.c.id == group_id))
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: int
+    at: dt.datetime
+    actor: str
+    actor_key_id: int | None
+    action: str
+    object_type: str
+    object_id: str | None
+    detail: dict[str, Any] | None
+    outcome: str
+
+
+def insert_audit(
+    bind: Bind, *, actor: str, actor_key_id: int | None, action: str, object_type: str,
+    object_id: str | None, detail: dict[str, Any] | None, outcome: str,
+) -> None:
+    with _tx(bind) as conn:
+        conn.execute(insert(audit_log).values(
+            at=utcnow(), actor=actor, actor_key_id=actor_key_id, action=action,
+            object_type=object_type, object_id=object_id, detail=detail, outcome=outcome))
+
+
+def list_audit(
+    bind: Bind, *, limit: int = 100, since: dt.datetime | None = None,
+    actor: str | None = None, before_id: int | None = None,
+) -> list[AuditRecord]:
+    """Newest first, at most ``limit`` rows; ``before_id`` pages back."""
+    q = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
+    if since is not None:
+        q = q.where(audit_log.c.at >= since)
+    if actor is not None:
+        q = q.where(audit_log.c.actor == actor)
+    if before_id is not None:
+        q = q.where(audit_log.c.id < before_id)
+    with _tx(bind) as conn:
+        return [AuditRecord(**dict(r._mapping)) for r in conn.execute(q)]
 
 
 @dataclass(frozen=True, slots=True)

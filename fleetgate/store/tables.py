@@ -1,7 +1,13 @@
 """Table definitions (SQLAlchemy Core). Portable: nothing SQLite- or Postgres-specific.
 
 Times are naive UTC ``DateTime`` columns. Keys are stored as a SHA-256 hex digest plus a short
-display prefix; the whole key is never stored.
+display prefix; the whole key is never stored. During a rotation's overlap the old digest sits in
+``previous_digest`` until ``previous_valid_until``; the key's ``id`` never changes.
+
+Model lists (``models``) are JSON lists of glob patterns. On a user or a key, ``NULL`` means
+"no narrowing of its own"; on a group, the list is what the group allows (empty: nothing).
+``api_keys.updated_at`` is the change feed the gateway polls: anything that changes what a key
+may do (revocation, rotation, a change to its user or their groups) bumps it.
 """
 
 from __future__ import annotations
@@ -9,17 +15,70 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
 )
 
 metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("role", String(16), nullable=False, default="user"),
+    Column("source", String(16), nullable=False, default="local"),  # local | ldap
+    Column("models", JSON, nullable=True),  # null: no narrowing of the user's own
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    CheckConstraint("role IN ('admin', 'user')", name="ck_users_role"),
+)
+
+groups = Table(
+    "groups",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("models", JSON, nullable=False),  # empty: no model
+    Column("weight", Float, nullable=False, default=1.0),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+user_groups = Table(
+    "user_groups",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("group_id", Integer, ForeignKey("groups.id", ondelete="CASCADE"), nullable=False),
+    Column("source", String(16), nullable=False, default="manual"),  # manual | ldap
+    PrimaryKeyConstraint("user_id", "group_id"),
+)
+Index("ix_user_groups_group", user_groups.c.group_id)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False),
+    Column("actor", String(200), nullable=False),  # a user name, or "cli"
+    Column("actor_key_id", Integer, nullable=True),
+    Column("action", String(64), nullable=False),  # e.g. "key.create"
+    Column("object_type", String(32), nullable=False),  # user | group | key
+    Column("object_id", String(200), nullable=True),
+    Column("detail", JSON, nullable=True),  # never a secret
+    Column("outcome", String(16), nullable=False),  # ok | denied
+)
+Index("ix_audit_log_at", audit_log.c.at)
 
 api_keys = Table(
     "api_keys",
@@ -35,8 +94,15 @@ api_keys = Table(
     Column("revoked_at", DateTime, nullable=True),
     Column("last_used_at", DateTime, nullable=True),
     Column("updated_at", DateTime, nullable=False),
+    # Every key belongs to a user; null only in a row written by a pre-0002 gateway.
+    Column("user_id", Integer, ForeignKey("users.id"), nullable=True),
+    Column("previous_digest", String(64), nullable=True),
+    Column("previous_valid_until", DateTime, nullable=True),
+    Column("rotated_at", DateTime, nullable=True),
 )
 Index("ix_api_keys_updated_at", api_keys.c.updated_at)
+Index("ix_api_keys_user", api_keys.c.user_id)
+Index("ux_api_keys_previous_digest", api_keys.c.previous_digest, unique=True)
 
 usage_events = Table(
     "usage_events",

@@ -34,9 +34,20 @@ def auth(mode="keys", **kw) -> config.AuthSettings:
     return config.AuthSettings(mode=mode, **kw)
 
 
-async def test_static_mode_accepts_only_listed_tokens():
-    a = Authenticator(auth("static", tokens=("t" * 20, "u" * 20)), None)
-    assert (await a.authenticate(b"Bearer " + b"u" * 20)).name == "static-token"
+async def test_static_mode_accepts_each_listed_token_with_a_stable_identity_of_its_own():
+    tokens = ("t" * 20, "u" * 20, "w" * 20)
+    a = Authenticator(auth("static", tokens=tokens), None)
+    seen = set()
+    for t in tokens:
+        p = await a.authenticate(f"Bearer {t}".encode())
+        assert p.name == p.user == f"static-{keys.digest(t)[:8]}"
+        assert not p.admin and p.allows("anything")
+        assert p == await a.authenticate(f"Bearer {t}".encode())  # stable
+        seen.add(p.user)
+    assert len(seen) == 3
+    # a fresh authenticator (a restart) gives the same identities
+    b = Authenticator(auth("static", tokens=tokens), None)
+    assert (await b.authenticate(b"Bearer " + b"u" * 20)).user in seen
     with pytest.raises(AuthError):
         await a.authenticate(b"Bearer " + b"v" * 20)
     with pytest.raises(AuthError):
@@ -55,7 +66,7 @@ async def test_keys_mode_caches_after_first_lookup(engine, monkeypatch):
     p = await a.authenticate(f"Bearer {k}".encode())
     assert p.allows("a") and not p.allows("b")
     calls = []
-    monkeypatch.setattr(repo, "get_key_by_digest", lambda *x: calls.append(x))
+    monkeypatch.setattr(repo, "grant_by_digest", lambda *x: calls.append(x))
     for _ in range(5):
         await a.authenticate(f"Bearer {k}".encode())
     assert calls == []
@@ -83,14 +94,13 @@ async def test_store_failure_on_lookup_fails_closed(engine):
 
 async def test_stale_store_refuses_even_cached_keys(engine):
     k = add_key(engine)
-    a = Authenticator(auth(revocation_poll_s=0.05), engine)
+    a = Authenticator(auth(revocation_poll_s=0.05, store_stale_after_s=0.3), engine)
     await a.authenticate(f"Bearer {k}".encode())
     with engine.begin() as c:
         c.execute(text("DROP TABLE usage_events"))
         c.execute(text("DROP TABLE api_keys"))
     task = asyncio.create_task(a.run_refresher())
     try:
-        a._stale_after = 0.3  # five missed polls in production; shortened here
         await asyncio.sleep(0.6)
         assert not a.store_readable()
         with pytest.raises(StoreUnavailable):
@@ -115,7 +125,7 @@ async def test_reload_holds_every_active_key_so_requests_never_touch_the_store(e
     repo.revoke_key(engine, rec.id)
     a = Authenticator(auth(), engine)
     assert await a.reload() == 50
-    monkeypatch.setattr(repo, "get_key_by_digest", lambda *x: pytest.fail("store was queried"))
+    monkeypatch.setattr(repo, "grant_by_digest", lambda *x: pytest.fail("store was queried"))
     for k in ks:
         await a.authenticate(f"Bearer {k}".encode())
     monkeypatch.undo()
@@ -143,7 +153,9 @@ async def test_a_slow_poll_is_not_a_failure_but_a_hung_one_is(engine, monkeypatc
     import time as _time
 
     k = add_key(engine)
-    a = Authenticator(auth(revocation_poll_s=0.05), engine)
+    a = Authenticator(
+        auth(revocation_poll_s=0.05, store_stale_after_s=0.1, store_hang_after_s=1.0), engine
+    )
     await a.authenticate(f"Bearer {k}".encode())
     real_poll = a._poll
     delay = {"s": 0.4}
@@ -153,8 +165,6 @@ async def test_a_slow_poll_is_not_a_failure_but_a_hung_one_is(engine, monkeypatc
         return real_poll(*args)
 
     monkeypatch.setattr(a, "_poll", slow)
-    a._stale_after = 0.1
-    a._hang_after = 1.0
     task = asyncio.create_task(a.run_refresher())
     try:
         await asyncio.sleep(0.6)  # slower than stale_after, but succeeding: still readable

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from pg_server import postgres_url  # noqa: F401  (a fixture)
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from fleetgate.auth import keys
 from fleetgate.auth.authn import Authenticator
@@ -17,23 +13,6 @@ from fleetgate.config import AuthSettings
 from fleetgate.store import repo
 from fleetgate.store.db import migrate, open_engine
 from fleetgate.store.usage_writer import UsageWriter
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        e = open_engine(f"sqlite:///{tmp_path / 's.db'}")
-    else:
-        base = request.getfixturevalue("postgres_url")
-        admin = open_engine(base)
-        name = "t_" + uuid.uuid4().hex[:12]
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f"CREATE DATABASE {name}"))
-        e = open_engine(base.rsplit("/", 1)[0] + "/" + name)
-    migrate(e)
-    migrate(e)  # idempotent
-    yield e
-    e.dispose()
 
 
 def add(engine: Engine, name: str = "k", models: list[str] | None = None,
