@@ -1,9 +1,11 @@
-"""The ASGI application: routes, the error handler, and the lifespan that runs both planes.
+"""The ASGI application: it builds both planes once, dispatches, and renders every error.
 
-Routing is an exact match on the decoded path the server hands us (``scope["path"]``) and the
-method. Nothing is matched by prefix, nothing unlisted is passed upstream, and the upstream path
-is always the matched route's own constant, never the client's text. Every error becomes the one
-OpenAI-shaped envelope (:mod:`fleetgate.errors`).
+:class:`Gateway` holds the parts (settings, store engine, key cache, routing table, pool,
+upstream client, usage writer), builds the data-plane :class:`~fleetgate.dataplane.pipeline.
+Pipeline` and the :class:`~fleetgate.api.routing.Router` from each surface's declared routes,
+and runs the control-plane tasks in its lifespan. Routing is an exact match on the decoded path
+and the method (templates for the admin API's ids); nothing unlisted is passed upstream. Every
+error becomes the one OpenAI-shaped envelope (:mod:`fleetgate.errors`).
 """
 
 from __future__ import annotations
@@ -12,50 +14,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
-import orjson
 from sqlalchemy import Engine
 
-from fleetgate.api import fleet as fleet_api
-from fleetgate.api import openai as openai_api
 from fleetgate.api.asgi import Receive, Scope, Send, send_error, send_json
+from fleetgate.api.fleet import FleetRoutes
+from fleetgate.api.localguard import LoopbackGuard
+from fleetgate.api.openai import OpenAIRoutes
+from fleetgate.api.routing import Request, Route, Router
 from fleetgate.auth.authn import Authenticator
 from fleetgate.config import Settings
-from fleetgate.errors import GatewayError, MethodNotAllowed, NotFound
+from fleetgate.dataplane.pipeline import Pipeline
+from fleetgate.dataplane.routes import RouteTable
+from fleetgate.errors import GatewayError
 from fleetgate.fleet.pool import Pool
 from fleetgate.proxy.client import Upstream
 from fleetgate.store.db import migrate, open_engine
 from fleetgate.store.usage_writer import UsageWriter
 
 log = logging.getLogger("fleetgate")
-
-Handler = Callable[["Gateway", Scope, Receive, Send], Awaitable[None]]
-
-
-async def _health(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
-    await send_json(send, 200, {"status": "ok"})
-
-
-async def _ready(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
-    if not gw.started:
-        await send_json(send, 503, {"status": "starting"}, [(b"retry-after", b"1")])
-    elif not gw.authn.store_readable():
-        await send_json(send, 503, {"status": "key store unreadable"}, [(b"retry-after", b"5")])
-    else:
-        await send_json(send, 200, {"status": "ready"})
-
-
-ROUTES: dict[str, dict[str, Handler]] = {
-    "/health": {"GET": _health},
-    "/ready": {"GET": _ready},
-    "/v1/models": {"GET": openai_api.list_models},
-    **{path: {"POST": openai_api.proxy} for path in openai_api.ENDPOINTS},
-    "/v1/fleet/up": {"POST": fleet_api.up},
-    "/v1/fleet/down": {"POST": fleet_api.down},
-    "/v1/fleet/status": {"GET": fleet_api.status},
-    "/metrics": {"GET": fleet_api.metrics},
-}
 
 
 class Gateway:
@@ -68,38 +45,45 @@ class Gateway:
         self.pool = Pool(settings)
         self.upstream = Upstream(settings.server)
         self.usage = UsageWriter(self.engine)
+        self.models = RouteTable.from_models(settings.models)
+        self.pipeline = Pipeline(
+            authn=self.authn,
+            routes=self.models,
+            pool=self.pool,
+            upstream=self.upstream,
+            usage=self.usage,
+            max_body_bytes=settings.server.max_body_bytes,
+        )
+        self.router = Router(self.build_routes(), self.authn.authenticate)
+        self.guard = LoopbackGuard(settings.server.host) if settings.auth.mode == "none" else None
         self.started = False
         self._error_log: dict[str, tuple[float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.routes = ROUTES
-        # Per-model facts the request path needs, computed once.
-        self.models = {m.name: m for m in settings.models}
-        self.upstream_headers: dict[str, dict[str, str]] = {}
-        self.rewrites: dict[str, tuple[bytes, bytes]] = {}
-        self.model_entries: list[tuple[str, dict[str, object]]] = []
-        self.affinity_models = {
-            m.name for m in settings.models if m.balancer.strategy == "prefix_affinity"
-        }
-        created = int(time.time())
-        for m in settings.models:
-            h = {"Content-Type": "application/json"}
-            if m.api_key:
-                h["Authorization"] = f"Bearer {m.api_key}"
-            self.upstream_headers[m.name] = h
-            if m.served_name and m.served_name != m.name:
-                self.rewrites[m.name] = (
-                    b'"model":' + orjson.dumps(m.served_name),
-                    b'"model":' + orjson.dumps(m.name),
-                )
-            entry: dict[str, object] = {
-                "id": m.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "fleetgate",
-            }
-            if m.label:
-                entry["label"] = m.label
-            self.model_entries.append((m.name, entry))
+
+    def build_routes(self) -> list[Route]:
+        return [
+            Route("GET", "/health", self._health, "public", "Liveness."),
+            Route("GET", "/ready", self._ready, "public", "Readiness: started, keys readable."),
+            *OpenAIRoutes(
+                self.pipeline, public_models_list=self.settings.server.public_models_list
+            ).routes(),
+            *FleetRoutes(self.pool).routes(),
+        ]
+
+    # -- public routes --------------------------------------------------------------------------
+
+    async def _health(self, req: Request) -> None:
+        await send_json(req.send, 200, {"status": "ok"})
+
+    async def _ready(self, req: Request) -> None:
+        if not self.started:
+            await send_json(req.send, 503, {"status": "starting"}, [(b"retry-after", b"1")])
+        elif not self.authn.store_readable():
+            await send_json(
+                req.send, 503, {"status": "key store unreadable"}, [(b"retry-after", b"5")]
+            )
+        else:
+            await send_json(req.send, 200, {"status": "ready"})
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -143,17 +127,9 @@ class Gateway:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            methods = self.routes.get(scope["path"])
-            if methods is None:
-                raise NotFound(
-                    f"Invalid URL ({scope['method']} {scope['path'][:200]}).", code="unknown_url"
-                )
-            handler = methods.get(scope["method"])
-            if handler is None:
-                raise MethodNotAllowed(
-                    f"Method {scope['method']} is not allowed on {scope['path']}."
-                )
-            await handler(self, scope, receive, send)
+            if self.guard is not None:
+                self.guard.check(scope)
+            await self.router(scope, receive, send)
         except GatewayError as e:
             if e.status >= 500:
                 self._log_server_error(e)

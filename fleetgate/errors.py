@@ -127,9 +127,18 @@ class Unavailable(GatewayError):
     type = "server_error"
     code = "model_unavailable"
 
-    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int = 5,
+        code: str | None = None,
+        internal: str | None = None,
+    ) -> None:
         super().__init__(message, code=code, headers={"retry-after": str(max(1, retry_after))})
         self.retry_after = max(1, retry_after)
+        # What only an admin may see (a probe error, an internal URL, a job's script error).
+        self.internal = internal
 
 
 class StoreUnavailable(Unavailable):

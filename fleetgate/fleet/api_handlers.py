@@ -8,7 +8,8 @@ None of them waits: ``up`` asks the controller and answers at once.
 * ``POST /v1/fleet/up``   ``{"model": NAME}`` -> ``{"model", "status": pending|starting|healthy}``
 * ``POST /v1/fleet/down`` ``{"model": NAME}`` -> ``{"model", "status"}``
 * ``GET /v1/fleet/status`` (optional ``model``) -> :func:`fleetgate.fleet.status.snapshot`,
-  limited to the models the caller may use unless the caller is an admin.
+  limited to the models the caller's key may use (an admin key's model list narrows it too);
+  internals (pids, URLs, log lines) only for admins.
 
 Who may call ``up``/``down`` is ``fleet.up_access`` / ``fleet.down_access``.
 """
@@ -31,10 +32,11 @@ def _model(pool: Pool, principal: Principal, body: Any, access: str, verb: str) 
         raise InvalidRequest("'model' is required and must be a string.", param="model")
     if name not in pool.groups:
         raise ModelNotFound(f"The model '{name[:200]}' does not exist.", param="model")
-    if principal.admin:
-        return name
+    # A key's model list narrows everything that key does, an admin's included.
     if not principal.allows(name):
         raise PermissionDenied(f"This API key may not use the model '{name}'.", param="model")
+    if principal.admin:
+        return name
     if access != "model_users":
         raise PermissionDenied(f"Only an admin key may {verb} a model.", param="model")
     return name
@@ -53,9 +55,7 @@ async def fleet_down(pool: Pool, principal: Principal, body: Any) -> tuple[int, 
 async def fleet_status(
     pool: Pool, principal: Principal, model: str | None = None
 ) -> tuple[int, dict[str, Any]]:
-    names = list(pool.groups)
-    if not principal.admin:
-        names = [n for n in names if principal.allows(n)]
+    names = [n for n in pool.groups if principal.allows(n)]
     if model is not None:
         if model not in pool.groups or model not in names:
             raise ModelNotFound(f"The model '{model[:200]}' does not exist.", param="model")

@@ -179,8 +179,9 @@ class Pool:
             # The first line only: the log tail below it is for admins (fleet status).
             why = g.last_failure.splitlines()[0].removesuffix("; log tail:")[:300]
             return Unavailable(
-                f"The model '{g.name}' failed to start: {why}",
+                f"The model '{g.name}' failed to start; an admin can see why in the fleet status.",
                 retry_after=retry_after_estimate(policy, 30.0),
+                internal=why,
             )
         g.demand()
         if g.backend_type == "static":

@@ -160,9 +160,27 @@ async def test_odd_host_headers_change_nothing(gw, host):
     assert_error(r, 401)
 
 
-async def test_wrong_method_is_405(gw):
+async def test_wrong_method_is_405_with_allow(gw):
     r = await gw.client.get("/v1/chat/completions")
     assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"  # RFC 9110 requires it
+    r = await gw.client.delete("/v1/models")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "GET"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("depth", [254, 600, 1000])
+async def test_deeply_nested_json_is_400_not_500(gw, sim_url, stream, depth):
+    """'sim' is renamed upstream, so the body is re-serialised: orjson writes only 254 levels."""
+    key = gw.key()
+    before = (await stats(sim_url))["requests_total"]
+    body = (b'{"model": "sim", "stream": ' + (b"true" if stream else b"false")
+            + b', "prompt": ' + b"[" * depth + b"]" * depth + b"}")
+    r = await gw.client.post("/v1/completions", content=body,
+                             headers={"Authorization": f"Bearer {key}"})
+    assert_error(r, 400, "invalid_json")
+    assert (await stats(sim_url))["requests_total"] == before
 
 
 async def test_oversize_body_is_413_before_auth_work_reaches_upstream(gw, sim_url):

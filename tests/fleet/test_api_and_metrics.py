@@ -114,3 +114,19 @@ async def test_up_down_status_handlers(tmp_path: Path) -> None:
     status, body = await api_handlers.fleet_down(pool, ADMIN, {"model": "m"})
     assert status == 200 and pool.groups["m"].held_down
     assert all(r.stop_requested.is_set() for r in pool.groups["m"].replicas)
+
+
+async def test_an_admin_keys_model_list_narrows_the_fleet_routes(tmp_path: Path) -> None:
+    """An admin key made with --models m may not start, stop or see another model."""
+    pool = pool_with_replicas(tmp_path)
+    narrowed = Principal(name="ops", admin=True, models=frozenset({"m"}))
+    for call in (api_handlers.fleet_up, api_handlers.fleet_down):
+        with pytest.raises(PermissionDenied):
+            await call(pool, narrowed, {"model": 'we"ird'})
+    with pytest.raises(ModelNotFound):
+        await api_handlers.fleet_status(pool, narrowed, 'we"ird')
+    _, snap = await api_handlers.fleet_status(pool, narrowed)
+    assert [m["model"] for m in snap["models"]] == ["m"]
+    assert "events" in snap["models"][0]["replicas"][0]  # still an admin: internals shown
+    _, everything = await api_handlers.fleet_status(pool, ADMIN)
+    assert len(everything["models"]) == 2

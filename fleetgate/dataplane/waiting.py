@@ -1,0 +1,102 @@
+"""What a request does while it waits: for its client to leave, or for a replica to start.
+
+* :class:`DisconnectWatch` notices a client going away (ASGI ``http.disconnect``) and fires the
+  request's :class:`~fleetgate.proxy.client.ClientGone`, which aborts the upstream request so
+  the engine stops generating. It is started lazily: most requests finish within ``delay_s``,
+  and for them no task is ever created (a task per request cost about a tenth of the gateway's
+  CPU in bench/run).
+* :func:`wait_for_replica` is cold-start ``wait`` mode. A streaming client gets its SSE head at
+  once and a comment every few seconds, so neither it nor a proxy in between times out.
+* :class:`AfterHead` is the ``send`` for a response whose SSE head already went out while
+  waiting: the relay's own head is dropped, and a non-stream answer (an error) becomes the
+  stream's final ``data:`` event, since the status line can no longer change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fleetgate.api.asgi import Receive, Send
+from fleetgate.fleet.pool import Pool
+from fleetgate.proxy.client import ClientGone
+
+
+class DisconnectWatch:
+    __slots__ = ("receive", "gone", "finished", "timer", "task")
+
+    def __init__(self, receive: Receive, gone: ClientGone, delay_s: float = 0.25) -> None:
+        self.receive = receive
+        self.gone = gone
+        self.finished = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            delay_s, self._start
+        )
+
+    def _start(self) -> None:
+        self.timer = None
+        if not self.finished:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                if not self.finished:
+                    self.gone.fire()
+                return
+
+    def stop(self) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
+class AfterHead:
+    __slots__ = ("send", "as_event")
+
+    def __init__(self, send: Send, as_event: bool) -> None:
+        self.send = send
+        self.as_event = as_event
+
+    async def __call__(self, msg: Any) -> None:
+        if msg["type"] == "http.response.start":
+            return
+        if self.as_event:
+            data = msg.get("body", b"").strip()
+            if data:
+                msg = {**msg, "body": b"data: " + data + b"\n\n"}
+        await self.send(msg)
+
+
+# The head of a stream the gateway opens itself, before any replica answered.
+WAIT_HEAD = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    (b"x-fleetgate-source", b"gateway"),
+]
+KEEPALIVE = b": waiting for the model to start\n\n"
+
+
+async def wait_for_replica(
+    pool: Pool, model: str, send: Send, gone: ClientGone, *, keepalive: bool
+) -> None:
+    """Return once ``model`` has a routable replica; raises Unavailable on timeout or failure."""
+    if keepalive:
+        await send({"type": "http.response.start", "status": 200, "headers": WAIT_HEAD})
+    wait = asyncio.ensure_future(pool.wait_ready(model, pool.wait_timeout(model)))
+    try:
+        while not gone.gone:
+            done, _ = await asyncio.wait({wait}, timeout=pool.keepalive_s(model))
+            if done:
+                wait.result()
+                return
+            if keepalive:
+                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+    finally:
+        if not wait.done():
+            wait.cancel()
