@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleetgate.errors import ConfigError
 from fleetgate.fleet.spec import (
+    BACKEND_TYPES,
     Backend,
     BalancerPolicy,
     ColdStartPolicy,
@@ -172,7 +173,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("static", "local") and out.endswith("backend"):
+        elif part in BACKEND_TYPES and out.endswith("backend"):
             continue  # pydantic's discriminator tag, not a key the user wrote
         else:
             out += f".{part}" if out else str(part)

@@ -76,7 +76,7 @@ def check_workers(settings: config_mod.Settings, workers: int) -> None:
         raise click.ClickException("--workers must be at least 1")
     if workers == 1:
         return
-    launching = [m.name for m in settings.models if m.backend.type != "static"]
+    launching = [m.name for m in settings.models if m.backend.lifecycle().owns_replicas]
     if launching:
         raise click.ClickException(
             f"--workers {workers} needs static backends only; these models launch replicas, "

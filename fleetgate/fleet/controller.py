@@ -20,8 +20,8 @@ from fleetgate.fleet import autoscaler
 from fleetgate.fleet.group import ModelGroup
 from fleetgate.fleet.health import Prober
 from fleetgate.fleet.launchers.base import Handle, Launcher, LaunchSpec
-from fleetgate.fleet.replica import Replica, State
-from fleetgate.fleet.spec import FleetSettings, StaticBackend
+from fleetgate.fleet.replica import TERMINAL, Replica, State
+from fleetgate.fleet.spec import FleetSettings
 from fleetgate.fleet.supervisor import Supervisor
 
 log = logging.getLogger("fleetgate.fleet")
@@ -51,8 +51,8 @@ class Controller:
         g = self.group
         if adopted is not None:
             rid = adopted.replica_id
-        elif isinstance(g.settings.backend, StaticBackend):
-            rid = f"{g.name}-{self._slot}"
+        elif not self.launcher.manages_processes:
+            rid = f"{g.name}-{self._slot}"  # one per static URL: stable names
         else:
             rid = f"{g.name}-{secrets.token_hex(3)}"
         rep = Replica(rid, g.name, listener=g.on_replica_change)
@@ -80,8 +80,13 @@ class Controller:
 
     def _stop_some(self, n: int, reason: str) -> None:
         live = [r for r in self.group.replicas if r.active]
-        # Not-yet-ready ones first (nothing to drain), then the least busy ready ones.
-        live.sort(key=lambda r: (_STOP_ORDER.get(r.state, 3), r.inflight, -r.created_at))
+        # Those about to end anyway (time limit) first, then not-yet-ready ones (nothing to
+        # drain), then the least busy ready ones.
+        live.sort(
+            key=lambda r: (
+                not r.handover_due, _STOP_ORDER.get(r.state, 3), r.inflight, -r.created_at
+            )
+        )
         for r in live[:n]:
             r.request_stop(reason)
 
@@ -91,9 +96,30 @@ class Controller:
 
     # --- the loop --------------------------------------------------------------------------
 
+    def _handover(self) -> None:
+        """Replicas whose launcher says they end soon (a job's time limit) get a successor;
+        once it is routable the old one drains and stops, so the model has no gap. An old
+        one that ends before its successor is ready is not restarted (its supervisor sees to
+        that): the successor, queued or starting, is the replacement."""
+        g = self.group
+        if g.held_down or g.failed_now():
+            return
+        by_id = {r.id: r for r in g.replicas}
+        for r in list(g.replicas):
+            if not r.handover_due or not r.active:
+                continue
+            succ = by_id.get(r.successor) if r.successor else None
+            if succ is None or succ.state in TERMINAL or succ.stop_requested.is_set():
+                new = self._new_replica()
+                r.successor = new.id
+                log.info("model %s: %s nears its time limit; successor %s", g.name, r.id, new.id)
+            elif succ.routable:
+                r.request_stop(f"handed over to {succ.id} before its time limit")
+
     def observe(self, now: float) -> autoscaler.Observed:
         g = self.group
-        live = [r for r in g.replicas if r.active]
+        # A replica handing over is already replaced (by its successor) in the count.
+        live = [r for r in g.replicas if r.active and not r.handover_due]
         obs = replace(
             self._obs,
             now=now,
@@ -118,6 +144,7 @@ class Controller:
         if self.closed:
             return autoscaler.Decision(0, "shutting down")
         now = time.monotonic() if now is None else now
+        self._handover()
         obs = self.observe(now)
         d = autoscaler.decide(obs, g.policy.scaling)
         if d.desired > obs.current and g.failed_now():

@@ -27,6 +27,8 @@ class ModelGroup:
         self.settings = settings
         self.policy = policy
         self.backend_type: str = settings.backend.type
+        # Set by the fleet from its launcher: replicas are URLs others run (never stopped).
+        self.passive = False
         self.replicas: list[Replica] = []
         self.routable: list[Replica] = []
         self.ring: Ring | None = None
@@ -98,6 +100,26 @@ class ModelGroup:
 
     def clear_failed(self) -> None:
         self.failed_until = 0.0
+
+    def status(self) -> str:
+        """``healthy``, ``starting``, ``pending``, ``failed``, ``stopping`` or ``stopped``.
+
+        Replicas asked to stop (draining, or about to) don't make a model healthy: right after
+        ``down`` or a scale to zero the answer is ``stopping`` until their processes are gone.
+        """
+        active = [r for r in self.replicas if r.active]
+        states = {r.state for r in active}
+        if any(r.routable for r in active):
+            return "healthy"
+        if State.STARTING in states:
+            return "starting"
+        if self.failed_now() and not states:
+            return "failed"
+        if states or self.demand_at is not None:
+            return "pending"
+        if any(r.state not in TERMINAL for r in self.replicas):
+            return "stopping"
+        return "stopped"
 
     def starting_eta(self) -> float | None:
         """Seconds until a starting replica is likely ready, from the last cold start."""

@@ -93,6 +93,17 @@ class Replica:
         self.stop_requested = asyncio.Event()
         self.stop_reason = ""
         self.wake = asyncio.Event()  # a suspect report: probe now
+        # What the launcher last reported beside running or not (its supervisor writes these):
+        # a note any caller may read ("queued in SLURM: Resources"), the queue's estimate of
+        # seconds to start, and status fields for everyone / for admins only.
+        self.note = ""
+        self.eta_s: float | None = None
+        self.public: dict[str, Any] = {}
+        self.private: dict[str, Any] = {}
+        # Set once its launcher says it ends soon (a time limit): the controller starts a
+        # successor and stops this one when the successor is ready.
+        self.handover_due = False
+        self.successor: str | None = None
 
     @property
     def routable(self) -> bool:

@@ -37,6 +37,13 @@ def _replica(pool: Pool, g: ModelGroup, r: Replica, now: float) -> dict[str, Any
         "log": info.get("log"),
         "last_log_line": last_line,
         "events": [e.as_dict() for e in r.history],
+        # What the launcher reports beside (a queued SLURM job's state and reason): the
+        # fields named in public_fields are shown to every caller allowed the model.
+        "note": r.note,
+        "eta_s": None if r.eta_s is None else round(r.eta_s),
+        **r.private,
+        **r.public,
+        "public_fields": sorted(r.public),
     }
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from fleetgate.fleet.group import ModelGroup
 from fleetgate.fleet.health import Prober
-from fleetgate.fleet.launchers.base import Handle, Launcher, LaunchError, LaunchSpec
+from fleetgate.fleet.launchers.base import Handle, Launcher, LaunchError, LaunchSpec, Observed
 from fleetgate.fleet.replica import TERMINAL, Replica, State
 from fleetgate.fleet.spec import FleetSettings
 
@@ -68,14 +68,16 @@ class Supervisor:
         self.prober = prober
         self.handle = adopted
         self.adopted = adopted is not None
-        b = spec.backend
-        self.health_path: str = b.health_path
-        self.models_path: str | None = getattr(b, "models_path", None)
-        self.health_interval: float = b.health_interval_s
-        self.start_timeout: float | None = getattr(b, "start_timeout_s", None)
+        life = spec.backend.lifecycle()
+        self.health_path: str = life.health_path
+        self.models_path: str | None = life.models_path
+        self.health_interval: float = life.health_interval_s
+        self.start_timeout: float | None = life.start_timeout_s
         key = group.settings.api_key
         self.headers = {"authorization": f"Bearer {key}"} if key else None
         self._crashes: deque[float] = deque()
+        self._last_obs: Observed | None = None
+        self._next_poll = 0.0
 
     def prime(self) -> None:
         """Make what already runs (a static URL) routable at once, before any probe: the
@@ -125,7 +127,10 @@ class Supervisor:
                     self.group.stats.launches += 1
                 rep.handle, rep.url = self.handle, self.handle.url
                 pid = self.handle.info.get("pid")
-                rep._set_state(State.STARTING, f"launched (pid {pid})" if pid else "probing")
+                label = self.handle.info.get("label") or (
+                    f"launched (pid {pid})" if pid else "probing"
+                )
+                rep._set_state(State.STARTING, str(label))
                 out = await self._await_ready(launched)
             else:
                 rep.handle, rep.url = self.handle, self.handle.url
@@ -145,31 +150,67 @@ class Supervisor:
             if out.what == "stop":
                 await self._stop_now()
                 return
+            if rep.handover_due:
+                await self._ended_before_handover(out)
+                return
             if await self._crashed(out):
                 return
+
+    async def _poll(self, h: Handle, fresh: bool = False) -> Observed:
+        """The launcher's view of ``h``, asked no more often than the launcher wants (or now,
+        with ``fresh``); publishes what it learned (address, queue note) on the replica."""
+        now = time.monotonic()
+        if fresh or self._last_obs is None or now >= self._next_poll:
+            obs = await self.launcher.poll(h)
+            every = self.launcher.poll_every_s(h) or self.fleet.readiness_interval_s
+            self._last_obs, self._next_poll = obs, now + every
+            rep = self.rep
+            if obs.url and obs.url != h.url:
+                h.url = obs.url
+                rep.url = obs.url
+            rep.note, rep.eta_s = obs.note, obs.eta_s
+            rep.public, rep.private = dict(obs.public), dict(obs.private)
+            if obs.ends_in_s is not None and not rep.handover_due:
+                before = self.launcher.handover_before_s(h)
+                if before is not None and obs.ends_in_s <= before:
+                    rep.handover_due = True
+                    log.info(
+                        "replica %s (%s): ends in %.0fs (time limit): starting a successor",
+                        rep.id, rep.model, obs.ends_in_s,
+                    )
+                    self.group.wake.set()
+        return self._last_obs
 
     async def _await_ready(self, launched: float | None) -> Outcome:
         assert self.handle is not None
         rep, h = self.rep, self.handle
+        # The start timeout counts from when the replica starts running: a queued job's wait
+        # in the scheduler's queue is not its start-up.
         deadline = None
-        if launched is not None and self.start_timeout is not None:
-            deadline = launched + self.start_timeout
         why = "no probe yet"
+        fresh = True
         while True:
             if rep.stop_requested.is_set():
                 return Outcome("stop")
-            obs = await self.launcher.poll(h)
+            obs = await self._poll(h, fresh)
+            fresh = False
             if not obs.running:
                 return Outcome("crash", obs.kind or "exited", f"process {obs.detail}")
-            ok, why = await self.prober.check(
-                h.url, self.health_path, self.models_path, self.headers
-            )
-            if ok:
-                # The answer must come from our process, not a squatter on the port.
-                obs = await self.launcher.poll(h)
-                if obs.running:
-                    return Outcome("ready")
-                return Outcome("crash", obs.kind or "exited", f"process {obs.detail}")
+            if deadline is None and obs.started and self.start_timeout is not None:
+                if launched is not None:
+                    deadline = max(launched, time.monotonic()) + self.start_timeout
+            if h.url:
+                ok, why = await self.prober.check(
+                    h.url, self.health_path, self.models_path, self.headers
+                )
+                if ok:
+                    # The answer must come from our process, not a squatter on the port.
+                    obs = await self._poll(h, True)
+                    if obs.running:
+                        return Outcome("ready")
+                    return Outcome("crash", obs.kind or "exited", f"process {obs.detail}")
+            elif obs.started:
+                why = "the replica has not reported its address yet"
             if deadline is not None and time.monotonic() >= deadline:
                 tail = self.launcher.log_tail(h, 10)
                 detail = f"timed out after {self.start_timeout:g}s waiting for {self.health_path}; last probe: {why}"
@@ -189,7 +230,7 @@ class Supervisor:
             rep.wake.clear()
             if rep.stop_requested.is_set():
                 return Outcome("stop")
-            obs = await self.launcher.poll(h)
+            obs = await self._poll(h)
             if not obs.running:
                 return Outcome("crash", obs.kind or "exited", f"process {obs.detail}")
             if not (woke or rep.suspect or fails or time.monotonic() >= next_probe):
@@ -205,6 +246,21 @@ class Supervisor:
                 return Outcome(
                     "unhealthy", "unhealthy", f"{fails} failed health checks; last: {why}"
                 )
+
+    async def _ended_before_handover(self, out: Outcome) -> None:
+        """It reached its time limit before its successor was ready: not restarted, the
+        successor (queued or starting) replaces it."""
+        rep = self.rep
+        if self.handle is not None:
+            h, self.handle = self.handle, None
+            rep.handle = None
+            with contextlib.suppress(Exception):
+                await self.launcher.stop(h)
+        succ = next((r for r in self.group.replicas if r.id == rep.successor), None)
+        where = f"successor {succ.id} is {succ.state.value}" if succ else "no successor yet"
+        if succ is not None and succ.note:
+            where += f" ({succ.note})"
+        rep._set_state(State.STOPPED, f"ended at its time limit ({out.detail}); {where}")
 
     async def _crashed(self, out: Outcome) -> bool:
         """Clean up after a failed attempt; schedule a restart. True when the slot is done."""

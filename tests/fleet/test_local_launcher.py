@@ -222,3 +222,37 @@ async def test_command_template_is_validated() -> None:
         TypeAdapter(Backend).validate_python(
             {"type": "local", "command": "x {port}", "gpus": [0], "gpus_per_replica": 2}
         )
+
+
+def _mode(path: str | Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+async def test_an_api_key_in_the_command_stays_out_of_the_state_file_and_the_tail(
+    tmp_path: Path,
+) -> None:
+    """The engine prints its own arguments (vLLM does); FleetGate repeats none of it."""
+    secret = "sk-engine-secret-4f9a1c"
+    cmd = ["sh", "-c", 'echo "engine args: --api-key $3"; exit 3', "engine", "{port}",
+           "--api-key", secret]
+    la = launcher(tmp_path)
+    old = os.umask(0o022)
+    try:
+        h = await la.start(spec(backend(tmp_path, cmd)))
+    finally:
+        os.umask(old)
+    state = next((tmp_path / "state" / "local").glob("*.json"))
+    assert secret not in state.read_text()
+    assert json.loads(state.read_text())["info"]["argv"][-1] == "***"
+    obs = None
+    for _ in range(100):
+        obs = await la.poll(h)
+        if not obs.running:
+            break
+        await asyncio.sleep(0.05)
+    assert obs is not None and not obs.running
+    assert "engine args: --api-key ***" in obs.detail and secret not in obs.detail
+    assert secret not in la.log_tail(h, 5)
+    assert secret in text(h.info["log"])  # the engine's own words: its file is private instead
+    assert (_mode(h.info["log"]), _mode(state)) == (0o600, 0o600)
+    await la.stop(h)

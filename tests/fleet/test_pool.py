@@ -248,7 +248,7 @@ async def test_gateway_restart_adopts_or_stops_leftovers(tmp_path: Path) -> None
         assert g.stats.launches == 0 and g.replicas[0].handle.info["pid"] == pid
         assert g.replicas[0].history[1].reason == "adopted from a previous gateway run"
         second.launchers["local"].forget(g.replicas[0].handle)  # "crash" again, leaving it
-        for t in second._tasks:
+        for t in second.control._tasks:
             t.cancel()
         for _, task in list(second.controllers["m"].tasks.values()):
             task.cancel()

@@ -1,6 +1,7 @@
-"""Launchers by backend ``type``, resolved once when the pool is built.
+"""Launchers by backend ``type``, resolved once when the fleet is built.
 
-SLURM and Kubernetes join this dict; nothing on the request path changes when they do.
+A new launcher is one module plus a line here (and its config model in
+:data:`fleetgate.fleet.spec.Backend`); nothing on the request path changes when one joins.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fleetgate.fleet.launchers.base import (
+    AcceptsCallbacks,
     Handle,
     Launcher,
     LaunchError,
@@ -26,6 +28,7 @@ LAUNCHERS: dict[str, Callable[[FleetSettings], Launcher]] = {
 
 __all__ = [
     "LAUNCHERS",
+    "AcceptsCallbacks",
     "Handle",
     "LaunchError",
     "LaunchSpec",

@@ -5,16 +5,30 @@ Kubernetes pod), says whether it still runs, stops it, and finds what a previous
 left behind. It never decides how many replicas to run and never talks to the data plane.
 Health (HTTP ``/health``) is probed by the supervisor, the same for every launcher.
 
-All methods are coroutines so a launcher may shell out (``sbatch``) without blocking the loop;
-``poll`` must be cheap, it runs every readiness interval.
+All methods are coroutines so a launcher may shell out (``sbatch``) without blocking the loop.
+``poll`` runs every :meth:`Launcher.poll_every_s` (default: the fleet's readiness interval); a
+launcher that talks to a scheduler sets a longer cadence and answers from what it last learned.
+
+A replica's address need not be known at start: a launcher may return a :class:`Handle` with an
+empty ``url`` and report the address later in :attr:`Observed.url` (a SLURM job learns its node
+only once it runs). Backend-specific knowledge stays behind this interface: the fleet reads a
+backend's generic knobs through :meth:`fleetgate.fleet.spec.BackendSpec.lifecycle`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel
 
 from fleetgate.fleet.spec import FleetSettings
+
+
+def config_digest(model: str, backend: BaseModel) -> str:
+    """Identifies what a replica was started from; adoption requires it unchanged."""
+    return hashlib.sha256(f"{model}\0{backend.model_dump_json()}".encode()).hexdigest()[:16]
 
 
 class LaunchError(Exception):
@@ -41,17 +55,24 @@ class Handle:
 
     replica_id: str
     model: str
-    url: str
+    url: str  # "" until the launcher learns the address (see Observed.url)
     info: dict[str, Any] = field(default_factory=dict)
     adopted: bool = False
 
 
 @dataclass(frozen=True)
 class Observed:
-    running: bool
+    running: bool  # the replica exists (a queued job counts: it is on its way)
     exit_code: int | None = None
     detail: str = ""  # why it stopped, with a log tail where there is one
     kind: str = ""  # short and stable when not running: exited, killed, port_taken, gone
+    url: str | None = None  # the address, once learned; None: unchanged
+    started: bool = True  # False while queued: the start timeout counts from when this is True
+    note: str = ""  # for every caller allowed the model: e.g. "queued in SLURM: Resources"
+    eta_s: float | None = None  # the queue's own estimate of seconds until it starts
+    ends_in_s: float | None = None  # seconds left before a time limit ends it (handover)
+    public: dict[str, Any] = field(default_factory=dict)  # status fields any caller may see
+    private: dict[str, Any] = field(default_factory=dict)  # status fields only admins see
 
 
 class Launcher(Protocol):
@@ -77,12 +98,48 @@ class Launcher(Protocol):
 
     def log_tail(self, handle: Handle, lines: int = 1) -> str: ...
 
+    def poll_every_s(self, handle: Handle) -> float | None:
+        """How often the supervisor should call :meth:`poll`; None: every readiness interval."""
+        ...
 
-class PassiveLauncher:
-    """Shared no-ops for launchers that own no processes: nothing to adopt, stop or log."""
+    def handover_before_s(self, handle: Handle) -> float | None:
+        """Start a successor this long before :attr:`Observed.ends_in_s` runs out; None: never."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the launcher itself holds (not its replicas); at gateway shutdown."""
+        ...
+
+
+@runtime_checkable
+class AcceptsCallbacks(Protocol):
+    """A launcher whose replicas report their address to the gateway (``POST /v1/fleet/callback``).
+
+    ``accept_callback`` answers None when the callback is accepted, else why not (shown to
+    nobody but the log: a caller with a wrong token learns nothing).
+    """
+
+    def accept_callback(self, replica_id: str, token: str, host: str, port: int) -> str | None: ...
+
+
+class LauncherBase:
+    """Defaults for the optional parts of :class:`Launcher`."""
 
     def attach(self, spec: LaunchSpec) -> Handle | None:
         return None
+
+    def poll_every_s(self, handle: Handle) -> float | None:
+        return None
+
+    def handover_before_s(self, handle: Handle) -> float | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class PassiveLauncher(LauncherBase):
+    """Shared no-ops for launchers that own no processes: nothing to adopt, stop or log."""
 
     async def stop(self, handle: Handle, grace_s: float | None = None) -> None:
         return None

@@ -9,7 +9,11 @@ Promises:
   ``CUDA_VISIBLE_DEVICES``; one GPU is never given to two live replicas unless ``share_gpus``.
   Accounting is per host (one launcher per pool), so two models listing the same GPU share the
   count too.
-* Each replica's stdout and stderr go to ``{log_dir}/{model}/{replica}.log``.
+* Each replica's stdout and stderr go to ``{log_dir}/{model}/{replica}.log``, created 0600:
+  the engine writes it and may print its own arguments (an ``--api-key`` among them), which
+  FleetGate can't redact. Everything FleetGate itself writes or shows (the banner in that log,
+  the state file's ``argv``, log tails in errors, the gateway log and ``fleet status``) goes
+  through :func:`fleetgate.redact.redact`.
 * Every live replica has a state file under ``{state_dir}/local/``; it goes when the replica is
   stopped. A gateway that restarts calls :meth:`adopt` and gets back the ones still running
   (checked by pid *and* process start time, so a reused pid is never mistaken for ours).
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,19 +41,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fleetgate.fleet.launchers.base import Handle, LaunchError, LaunchSpec, Observed
+from fleetgate.fleet.launchers.base import (
+    Handle,
+    LauncherBase,
+    LaunchError,
+    LaunchSpec,
+    Observed,
+    config_digest,
+)
 from fleetgate.fleet.spec import FleetSettings, LocalBackend
+from fleetgate.redact import redact, redact_argv
 
 log = logging.getLogger("fleetgate.fleet")
 
 _PORT_TAKEN = re.compile(r"address already in use|errno 98|eaddrinuse", re.I)
 _KILL_WAIT_S = 5.0
 _STEP_S = 0.05
-
-
-def config_digest(model: str, backend: LocalBackend) -> str:
-    """Identifies what a replica was started from; adoption requires it unchanged."""
-    return hashlib.sha256(f"{model}\0{backend.model_dump_json()}".encode()).hexdigest()[:16]
 
 
 def _safe(name: str) -> str:
@@ -127,15 +133,23 @@ def read_tail(path: str | os.PathLike[str], lines: int, max_bytes: int = 8192) -
         return ""
     text = data.decode("utf-8", "replace")
     kept = [ln for ln in text.splitlines() if ln.strip()]
-    return "\n".join(kept[-lines:])
+    # The engine writes its own log (its arguments, a key among them, say): what the gateway
+    # repeats from it, in its log, errors and status, is redacted.
+    return redact("\n".join(kept[-lines:]))
 
 
 def _spawn(
     argv: list[str], env: dict[str, str], log_path: Path, banner: str
 ) -> subprocess.Popen[bytes]:
-    """fork/exec in a new session, output to the log. Blocks for the fork only (milliseconds)."""
+    """fork/exec in a new session, output to the log. Blocks for the fork only (milliseconds).
+
+    The log is the engine's own output, which FleetGate can't redact (vLLM prints its
+    arguments), so it is created 0600 and an existing one is tightened to 0600.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as logf:
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    with open(fd, "ab") as logf:
         logf.write(f"=== fleetgate {time.strftime('%Y-%m-%dT%H:%M:%S')}: {banner}\n".encode())
         logf.flush()
         return subprocess.Popen(
@@ -149,7 +163,7 @@ def _spawn(
         )
 
 
-class LocalLauncher:
+class LocalLauncher(LauncherBase):
     manages_processes = True
 
     def __init__(self, fleet: FleetSettings) -> None:
@@ -243,7 +257,7 @@ class LocalLauncher:
         env.update({k: v.format_map(slots) for k, v in b.env.items()})
         if b.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        banner = f"starting {spec.replica_id} on port {port}: {shlex.join(argv)}"
+        banner = f"starting {spec.replica_id} on port {port}: {shlex.join(redact_argv(argv))}"
         try:
             proc = _spawn(argv, env, log_path, banner)
         except OSError as e:
@@ -258,7 +272,7 @@ class LocalLauncher:
             "port": port,
             "gpus": gpus,
             "log": str(log_path),
-            "argv": argv,
+            "argv": redact_argv(argv),  # for people to read; never re-run from here
             "digest": config_digest(spec.model, b),
             "gateway_pid": os.getpid(),
             "started_at": time.time(),
@@ -388,7 +402,9 @@ class LocalLauncher:
         }
         path = self._state_path(handle.replica_id)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            f.write(json.dumps(rec))
         os.replace(tmp, path)
 
     @staticmethod

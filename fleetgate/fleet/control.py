@@ -1,0 +1,151 @@
+"""The fleet's control plane: launchers, one controller per model, and up/down/status requests.
+
+:class:`Fleet` builds a launcher per backend type (from the registry in
+:mod:`fleetgate.fleet.launchers`, resolved once) and a
+:class:`~fleetgate.fleet.controller.Controller` per model, over the
+:class:`~fleetgate.fleet.group.ModelGroup` objects that the routing table
+(:class:`~fleetgate.fleet.pool.Pool`) shares with it. The data plane never calls anything here.
+
+:meth:`Fleet.start` first settles what a previous gateway run left behind (adopt or stop, per
+``fleet.on_leftover``), then starts the controllers. :meth:`Fleet.stop` stops the replicas this
+gateway runs, except those whose backend says ``keep_on_shutdown``. ``up``, ``down`` and
+``model_status`` never wait: they ask the controller and answer at once. Nothing here knows a
+backend type by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fleetgate.config import Settings
+from fleetgate.fleet.controller import Controller
+from fleetgate.fleet.group import ModelGroup
+from fleetgate.fleet.health import Prober
+from fleetgate.fleet.launchers import LAUNCHERS, AcceptsCallbacks, Launcher
+from fleetgate.fleet.launchers.base import config_digest
+
+log = logging.getLogger("fleetgate.fleet")
+
+
+class Fleet:
+    def __init__(
+        self,
+        settings: Settings,
+        groups: dict[str, ModelGroup],
+        launchers: dict[str, Launcher] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.fleet = settings.fleet
+        self.groups = groups
+        self.prober = Prober(self.fleet.probe_timeout_s)
+        self.launchers: dict[str, Launcher] = dict(launchers or {})
+        for kind, make in LAUNCHERS.items():
+            # Every type, used or not: leftovers of a model since removed are settled too.
+            self.launchers.setdefault(kind, make(self.fleet))
+        self.controllers: dict[str, Controller] = {}
+        for name, g in groups.items():
+            launcher = self.launchers[g.backend_type]
+            g.passive = not launcher.manages_processes
+            self.controllers[name] = Controller(g, launcher, self.fleet, self.prober)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        await self._settle_leftovers()
+        loop = asyncio.get_running_loop()
+        for name, c in self.controllers.items():
+            c.step()  # static URLs are routable when start() returns
+            self._tasks.append(loop.create_task(c.run(), name=f"controller {name}"))
+
+    async def _settle_leftovers(self) -> None:
+        for kind, launcher in self.launchers.items():
+            try:
+                handles = await launcher.adopt()
+            except Exception:
+                log.exception("%s launcher: finding leftover replicas failed", kind)
+                continue
+            for h in handles:
+                g = self.groups.get(h.model)
+                why = ""
+                if self.fleet.on_leftover != "adopt":
+                    why = "fleet.on_leftover is 'stop'"
+                elif g is None:
+                    why = "model no longer configured"
+                elif g.backend_type != kind or h.info.get("digest") != config_digest(
+                    g.name, g.settings.backend
+                ):
+                    why = "backend config changed"
+                if why:
+                    log.warning(
+                        "stopping leftover replica %s of %s: %s", h.replica_id, h.model, why
+                    )
+                    try:
+                        await launcher.stop(h)
+                    except Exception:
+                        log.exception("could not stop leftover replica %s", h.replica_id)
+                else:
+                    log.info("adopting leftover replica %s of %s", h.replica_id, h.model)
+                    self.controllers[h.model].adopt(h)
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop control loops, then stop (drain) launched replicas; bounded by ``timeout_s``."""
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        self._tasks.clear()
+        jobs = []
+        for name, c in self.controllers.items():
+            g = self.groups[name]
+            life = g.settings.backend.lifecycle()
+            limit = timeout_s
+            if limit is None:
+                limit = g.policy.scaling.drain_timeout_s + life.stop_grace_s + 5.0
+            jobs.append(c.shutdown(life.keep_on_shutdown, limit))
+        if jobs:
+            await asyncio.gather(*jobs, return_exceptions=True)
+        for launcher in self.launchers.values():
+            try:
+                await launcher.aclose()
+            except Exception:
+                log.exception("closing a launcher failed")
+        await self.prober.close()
+        self.started = False
+
+    # --- control-plane requests (fleet API) ------------------------------------------------
+
+    def up(self, model: str) -> str:
+        """Ask for the model to run; answers ``pending``, ``starting`` or ``healthy``."""
+        g = self.groups[model]
+        g.held_down = False
+        g.clear_failed()
+        if not g.routable:
+            g.demand()
+        return g.status()
+
+    def down(self, model: str) -> str:
+        """Drain and stop every replica; nothing restarts until new demand or ``up``."""
+        g = self.groups[model]
+        if g.passive:
+            return g.status()
+        g.held_down = True
+        g.demand_at = None
+        self.controllers[model].stop_all("fleet down")
+        g.wake.set()
+        return g.status()
+
+    def accept_callback(self, replica_id: str, token: str, host: str, port: int) -> str | None:
+        """A job reporting its address (``POST /v1/fleet/callback``): None if accepted."""
+        why = "no launcher takes callbacks"
+        for launcher in self.launchers.values():
+            if isinstance(launcher, AcceptsCallbacks):
+                why = launcher.accept_callback(replica_id, token, host, port) or ""
+                if not why:
+                    return None
+        return why
