@@ -67,7 +67,15 @@ async def fleet_status(
 
 
 _PUBLIC_MODEL = ("model", "status", "backend", "ready", "inflight", "queued", "idle_s")
-_PUBLIC_REPLICA = ("id", "state", "routable", "inflight", "age_s", "in_state_s", "idle_s")
+_PUBLIC_REPLICA = (
+    "id", "state", "routable", "inflight", "age_s", "in_state_s", "idle_s", "note", "eta_s"
+)
+
+
+def _public_replica(r: dict[str, Any]) -> dict[str, Any]:
+    # Launcher fields the launcher itself marked public (a job's queue state, its reason).
+    keep = (*_PUBLIC_REPLICA, *r.get("public_fields", ()))
+    return {k: r[k] for k in keep if k in r}
 
 
 def redact(snap: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +83,7 @@ def redact(snap: dict[str, Any]) -> dict[str, Any]:
     return {
         "models": [
             {k: m[k] for k in _PUBLIC_MODEL}
-            | {"replicas": [{k: r[k] for k in _PUBLIC_REPLICA} for r in m["replicas"]]}
+            | {"replicas": [_public_replica(r) for r in m["replicas"]]}
             for m in snap["models"]
         ]
     }

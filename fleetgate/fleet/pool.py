@@ -2,20 +2,18 @@
 
 The request path calls :meth:`Pool.acquire` and gets a :class:`Lease` (a replica URL plus an
 in-flight slot) or an :class:`~fleetgate.errors.Unavailable` with ``Retry-After``. It never waits
-on a launcher or a health check: those belong to the control plane (one
-:class:`~fleetgate.fleet.controller.Controller` task per model, one supervisor task per
+on a launcher or a health check: those belong to the control plane
+(:class:`~fleetgate.fleet.control.Fleet`: one controller task per model, one supervisor task per
 replica), which publishes replica state here. ``acquire``, ``release`` and
 ``report_connect_failure`` are synchronous and O(replicas); they never block, and they run on
 the event loop thread. Only :meth:`wait_ready` awaits, for cold-start ``wait`` mode.
 
-:meth:`start` first settles what a previous gateway run left behind (adopt or stop, per
-``fleet.on_leftover``), then starts the controllers. :meth:`stop` stops the replicas this
-gateway runs, except those whose backend says ``keep_on_shutdown``.
+:meth:`Pool.start`, :meth:`Pool.stop`, ``up``, ``down`` and ``model_status`` delegate to the
+fleet (:attr:`Pool.control`), which owns launching, adoption and shutdown.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Literal
@@ -23,13 +21,12 @@ from typing import Literal
 from fleetgate.config import Settings
 from fleetgate.errors import ModelNotFound, Unavailable
 from fleetgate.fleet.balancer import least_outstanding, pick_affinity
+from fleetgate.fleet.control import Fleet
 from fleetgate.fleet.controller import Controller
 from fleetgate.fleet.group import ModelGroup
-from fleetgate.fleet.health import Prober
-from fleetgate.fleet.launchers import LAUNCHERS, Launcher
-from fleetgate.fleet.launchers.local import config_digest
-from fleetgate.fleet.replica import TERMINAL, Replica, State
-from fleetgate.fleet.spec import LocalBackend, policy_of, retry_after_estimate
+from fleetgate.fleet.launchers import Launcher
+from fleetgate.fleet.replica import Replica
+from fleetgate.fleet.spec import policy_of, retry_after_estimate
 
 log = logging.getLogger("fleetgate.fleet")
 
@@ -64,86 +61,48 @@ class Lease:
 
 
 class Pool:
+    """The routing table. The control plane (:class:`~fleetgate.fleet.control.Fleet`) is built
+    beside it over the same groups, as :attr:`control`; ``start``, ``stop``, ``up``, ``down``
+    and ``model_status`` are thin delegations to it, for the HTTP layer's convenience."""
+
     def __init__(self, settings: Settings, launchers: dict[str, Launcher] | None = None) -> None:
         self.settings = settings
         self.fleet = settings.fleet
-        self.prober = Prober(self.fleet.probe_timeout_s)
-        self.launchers: dict[str, Launcher] = dict(launchers or {})
-        for kind, make in LAUNCHERS.items():
-            self.launchers.setdefault(kind, make(self.fleet))
-        self.groups: dict[str, ModelGroup] = {}
-        self.controllers: dict[str, Controller] = {}
-        for m in settings.models:
-            g = ModelGroup(m.name, m, policy_of(m))
-            self.groups[m.name] = g
-            self.controllers[m.name] = Controller(
-                g, self.launchers[g.backend_type], self.fleet, self.prober
-            )
-        self._tasks: list[asyncio.Task[None]] = []
-        self.started = False
+        self.groups: dict[str, ModelGroup] = {
+            m.name: ModelGroup(m.name, m, policy_of(m)) for m in settings.models
+        }
+        self.control = Fleet(settings, self.groups, launchers)
 
-    # --- lifecycle -------------------------------------------------------------------------
+    # --- control plane, delegated ----------------------------------------------------------
+
+    @property
+    def launchers(self) -> dict[str, Launcher]:
+        return self.control.launchers
+
+    @property
+    def controllers(self) -> dict[str, Controller]:
+        return self.control.controllers
+
+    @property
+    def started(self) -> bool:
+        return self.control.started
 
     async def start(self) -> None:
-        if self.started:
-            return
-        self.started = True
-        await self._settle_leftovers()
-        loop = asyncio.get_running_loop()
-        for name, c in self.controllers.items():
-            c.step()  # static URLs are routable when start() returns
-            self._tasks.append(loop.create_task(c.run(), name=f"controller {name}"))
-
-    async def _settle_leftovers(self) -> None:
-        for kind, launcher in self.launchers.items():
-            try:
-                handles = await launcher.adopt()
-            except Exception:
-                log.exception("%s launcher: finding leftover replicas failed", kind)
-                continue
-            for h in handles:
-                g = self.groups.get(h.model)
-                why = ""
-                if self.fleet.on_leftover != "adopt":
-                    why = "fleet.on_leftover is 'stop'"
-                elif g is None:
-                    why = "model no longer configured"
-                elif not isinstance(g.settings.backend, LocalBackend) or h.info.get(
-                    "digest"
-                ) != config_digest(g.name, g.settings.backend):
-                    why = "backend config changed"
-                if why:
-                    log.warning(
-                        "stopping leftover replica %s of %s: %s", h.replica_id, h.model, why
-                    )
-                    await launcher.stop(h)
-                else:
-                    log.info("adopting leftover replica %s of %s", h.replica_id, h.model)
-                    self.controllers[h.model].adopt(h)
+        await self.control.start()
 
     async def stop(self, timeout_s: float | None = None) -> None:
-        """Stop control loops, then stop (drain) launched replicas; bounded by ``timeout_s``."""
-        for t in self._tasks:
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
-        self._tasks.clear()
-        jobs = []
-        for name, c in self.controllers.items():
-            b = self.groups[name].settings.backend
-            keep = bool(getattr(b, "keep_on_shutdown", False))
-            limit = timeout_s
-            if limit is None:
-                limit = (
-                    self.groups[name].policy.scaling.drain_timeout_s
-                    + float(getattr(b, "stop_grace_s", 0.0))
-                    + 5.0
-                )
-            jobs.append(c.shutdown(keep, limit))
-        if jobs:
-            await asyncio.gather(*jobs, return_exceptions=True)
-        await self.prober.close()
-        self.started = False
+        await self.control.stop(timeout_s)
+
+    def up(self, model: str) -> str:
+        self._group(model)
+        return self.control.up(model)
+
+    def down(self, model: str) -> str:
+        self._group(model)
+        return self.control.down(model)
+
+    def model_status(self, model: str) -> str:
+        return self._group(model).status()
 
     # --- data plane ------------------------------------------------------------------------
 
@@ -184,7 +143,7 @@ class Pool:
                 internal=why,
             )
         g.demand()
-        if g.backend_type == "static":
+        if g.passive:
             return Unavailable(
                 f"The model '{g.name}' has no backend answering its health check; retry shortly.",
                 retry_after=retry_after_estimate(policy, None),
@@ -225,46 +184,3 @@ class Pool:
     def report_connect_failure(self, lease: Lease) -> None:
         """The relay couldn't connect to ``lease``'s replica: take it out of routing and probe."""
         lease.replica.mark_suspect()
-
-    # --- control-plane requests (fleet API) ------------------------------------------------
-
-    def up(self, model: str) -> str:
-        """Ask for the model to run; answers ``pending``, ``starting`` or ``healthy``."""
-        g = self._group(model)
-        g.held_down = False
-        g.clear_failed()
-        if not g.routable:
-            g.demand()
-        return self.model_status(model)
-
-    def down(self, model: str) -> str:
-        """Drain and stop every replica; nothing restarts until new demand or ``up``."""
-        g = self._group(model)
-        if g.backend_type == "static":
-            return self.model_status(model)
-        g.held_down = True
-        g.demand_at = None
-        self.controllers[model].stop_all("fleet down")
-        g.wake.set()
-        return self.model_status(model)
-
-    def model_status(self, model: str) -> str:
-        """``healthy``, ``starting``, ``pending``, ``failed``, ``stopping`` or ``stopped``.
-
-        Replicas asked to stop (draining, or about to) don't make a model healthy: right after
-        ``down`` or a scale to zero the answer is ``stopping`` until their processes are gone.
-        """
-        g = self._group(model)
-        active = [r for r in g.replicas if r.active]
-        states = {r.state for r in active}
-        if any(r.routable for r in active):
-            return "healthy"
-        if State.STARTING in states:
-            return "starting"
-        if g.failed_now() and not states:
-            return "failed"
-        if states or g.demand_at is not None:
-            return "pending"
-        if any(r.state not in TERMINAL for r in g.replicas):
-            return "stopping"
-        return "stopped"
