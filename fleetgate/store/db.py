@@ -23,10 +23,15 @@ _SIDE_FILES = ("", "-wal", "-shm", "-journal")
 
 
 def _make_private(db: Path) -> None:
-    """Create ``db`` 0600 if missing; tighten it and its side files to 0600 if they exist."""
+    """Create ``db`` 0600 if missing; tighten it and its side files to 0600 if they exist.
+
+    An existing database file is never opened here, only chmod-ed: closing a descriptor drops
+    every POSIX lock this process holds on the file, the locks of SQLite's own open connections
+    included, and that corrupts the database (SQLite's "How To Corrupt" guide, 2.2).
+    """
     db.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(db, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     for suffix in _SIDE_FILES:
         with contextlib.suppress(FileNotFoundError, PermissionError):
             p = Path(f"{db}{suffix}")
