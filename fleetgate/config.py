@@ -44,6 +44,25 @@ class UpstreamTLSSettings(_Model):
     verify: bool = True
 
 
+class HttpSettings(_Model):
+    """Bounds of the HTTP front (``fleetgate/server``), against hostile or broken clients."""
+
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_min_rate_bytes_s: float = Field(1024.0, ge=0)
+    keepalive_timeout_s: float = Field(20.0, gt=0)
+    max_connections: int = Field(10_000, ge=1)
+
+
+class TlsSettings(_Model):
+    """Native TLS for the gateway's own port; ``client_ca_file`` turns on mutual TLS."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
 class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -57,6 +76,8 @@ class ServerSettings(_Model):
     max_sse_event_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     upstream_tls: UpstreamTLSSettings = UpstreamTLSSettings()
     shutdown_grace_s: float = Field(30.0, ge=0)
+    http: HttpSettings = HttpSettings()
+    tls: TlsSettings | None = None
 
 
 class AuthSettings(_Model):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import ipaddress
+import json
 import logging
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ import click
 from fleetgate import config as config_mod
 from fleetgate.errors import ConfigError
 from fleetgate.localnet import wait_http
+from fleetgate.server.options import ServerOptions, TlsOptions
 
 
 def load_or_exit(path: str) -> config_mod.Settings:
@@ -37,20 +41,90 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-_WORKER_CONFIG_ENV = "FLEETGATE_WORKER_CONFIG"
+_WORKER_ENV = "FLEETGATE_WORKER"
+_WORKER_ARGV = [sys.executable, "-c", "from fleetgate.cli.serve import worker_main; worker_main()"]
+SERVERS = ("fleetgate", "uvicorn")
 
 
-def worker_app() -> object:
-    """The app factory each worker process calls when ``serve --workers N`` runs N > 1.
+def server_options(
+    settings: config_mod.Settings, host: str, port: int, *, access_log: bool,
+    reuse_port: bool = False,
+) -> ServerOptions:
+    """``server.*`` settings as the HTTP server's own options."""
+    s = settings.server
+    h = s.http
+    tls = TlsOptions(s.tls.cert_file, s.tls.key_file, s.tls.client_ca_file) if s.tls else None
+    return ServerOptions(
+        host=host,
+        port=port,
+        max_header_bytes=h.max_header_bytes,
+        max_headers=h.max_headers,
+        header_timeout_s=h.header_timeout_s,
+        body_min_rate_bytes_s=h.body_min_rate_bytes_s,
+        keepalive_timeout_s=h.keepalive_timeout_s,
+        max_connections=h.max_connections,
+        max_body_bytes=s.max_body_bytes,
+        shutdown_grace_s=s.shutdown_grace_s,
+        access_log=access_log,
+        tls=tls,
+        reuse_port=reuse_port,
+    )
 
-    A worker loads the config file itself (spawned processes share no memory with the parent),
-    so what it runs is exactly what ``check-config`` validates.
+
+def worker_main() -> None:
+    """One worker process of ``serve --workers N`` (started by :func:`run_server`).
+
+    A worker loads the config file itself (it shares no memory with the parent), so what it
+    runs is exactly what ``check-config`` validates.
     """
     from fleetgate.app import create_app
+    from fleetgate.server import server as http_server
+    from fleetgate.server.workers import die_with_parent
 
-    app = create_app(config_mod.load(os.environ[_WORKER_CONFIG_ENV]))
+    die_with_parent()
+    w = json.loads(os.environ[_WORKER_ENV])
+    settings = config_mod.load(w["config"])
+    _log_setup(settings)
+    opts = server_options(settings, w["host"], w["port"], access_log=w["access_log"],
+                          reuse_port=True)
+    sock = _bind(opts)
+    app = create_app(settings)
     freeze_startup_objects()
-    return app
+    sys.exit(http_server.run(app, opts, sock))
+
+
+def _log_setup(settings: config_mod.Settings) -> None:
+    """Log lines to stderr, every one through the one redaction (fleetgate/redact.py)."""
+    from fleetgate import redact
+
+    redact.install()
+    redact.register_settings(settings)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _bind(opts: ServerOptions) -> socket.socket:
+    from fleetgate.server.server import bind_socket
+
+    try:
+        return bind_socket(opts)
+    except OSError as e:
+        raise click.ClickException(
+            f"can't listen on {opts.host}:{opts.port}: {e.strerror or e}"
+        ) from None
+
+
+def _check_tls(opts: ServerOptions) -> None:
+    """Load the certificate once here, so a bad server.tls fails with a clear message."""
+    if opts.tls is None:
+        return
+    from fleetgate.server.server import ssl_context
+
+    try:
+        ssl_context(opts.tls)
+    except (OSError, ssl.SSLError) as e:
+        raise click.ClickException(f"server.tls: {e}") from None
 
 
 def freeze_startup_objects() -> None:
@@ -92,14 +166,78 @@ def run_server(
     access_log: bool,
     workers: int = 1,
     config_path: str | None = None,
+    server: str = "fleetgate",
 ) -> None:
+    """Serve the gateway in this process (``workers == 1``) or in N worker processes."""
+    from fleetgate.app import create_app
+    from fleetgate.server import server as http_server
+    from fleetgate.server.workers import supervise
+
+    _log_setup(settings)
+    if server == "uvicorn":
+        _run_uvicorn(settings, host, port, access_log=access_log, workers=workers,
+                     config_path=config_path)
+        return
+    opts = server_options(settings, host, port, access_log=access_log, reuse_port=workers > 1)
+    _check_tls(opts)
+    if workers == 1:
+        sock = _bind(opts)
+        app = create_app(settings)
+        freeze_startup_objects()
+        code = http_server.run(app, opts, sock)
+        if code:
+            raise SystemExit(code)
+        return
+    assert config_path is not None, "several workers load the config from its file"
+    check_workers(settings, workers)
+    # Hold the port (bound, not listening) while the workers run, so it can't be taken.
+    hold = _bind(opts)
+    _migrate_once(settings)
+    env = {**os.environ, _WORKER_ENV: json.dumps({
+        "config": str(Path(config_path).resolve()), "host": host, "port": port,
+        "access_log": access_log})}
+    try:
+        code = supervise(_WORKER_ARGV, env, workers, settings.server.shutdown_grace_s)
+    finally:
+        hold.close()
+    if code:
+        raise SystemExit(code)
+
+
+def _migrate_once(settings: config_mod.Settings) -> None:
+    """Bring the schema to head once, in the parent, rather than racing N workers to it."""
+    from fleetgate.store.db import migrate, open_engine
+
+    engine = open_engine(settings.store.url)
+    migrate(engine)
+    engine.dispose()
+
+
+_UVICORN_CONFIG_ENV = "FLEETGATE_WORKER_CONFIG"
+
+
+def uvicorn_worker_app() -> object:
+    """The app factory of ``serve --server uvicorn --workers N`` (kept for comparison)."""
+    from fleetgate.app import create_app
+
+    app = create_app(config_mod.load(os.environ[_UVICORN_CONFIG_ENV]))
+    freeze_startup_objects()
+    return app
+
+
+def _run_uvicorn(
+    settings: config_mod.Settings, host: str, port: int, *, access_log: bool, workers: int,
+    config_path: str | None,
+) -> None:
+    """The previous front, uvicorn: no header bounds, slowloris timeouts or native TLS here.
+
+    Kept for comparison in bench/ and as a fallback; ``server.http`` and ``server.tls`` are
+    ignored by it.
+    """
     import uvicorn
 
     from fleetgate.app import create_app
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     common = dict(
         host=host,
         port=port,
@@ -118,16 +256,10 @@ def run_server(
         uvicorn.run(app, **common)  # type: ignore[arg-type]
         return
     assert config_path is not None, "several workers load the config from its file"
-    check_workers(settings, workers)
-    # Bring the schema to head once, here, rather than racing N workers to it.
-    from fleetgate.store.db import migrate, open_engine
-
-    engine = open_engine(settings.store.url)
-    migrate(engine)
-    engine.dispose()
-    os.environ[_WORKER_CONFIG_ENV] = str(Path(config_path).resolve())
+    _migrate_once(settings)
+    os.environ[_UVICORN_CONFIG_ENV] = str(Path(config_path).resolve())
     uvicorn.run(
-        "fleetgate.cli.serve:worker_app",
+        "fleetgate.cli.serve:uvicorn_worker_app",
         factory=True,
         workers=workers,
         **common,  # type: ignore[arg-type]
@@ -159,6 +291,15 @@ def run_server(
     help="Worker processes sharing the port (static backends only). On an N-core machine, "
     "N workers roughly multiply throughput; see docs/benchmarks.md.",
 )
+@click.option(
+    "--server",
+    "server_impl",
+    default="fleetgate",
+    show_default=True,
+    type=click.Choice(SERVERS),
+    help="The HTTP server. 'uvicorn' is the previous one, kept for comparison: it ignores "
+    "server.http and server.tls.",
+)
 def serve(
     config_path: str,
     host: str | None,
@@ -166,6 +307,7 @@ def serve(
     insecure: bool,
     access_log: bool,
     workers: int,
+    server_impl: str,
 ) -> None:
     """Run the gateway.
 
@@ -185,7 +327,8 @@ def serve(
         )
     check_workers(settings, workers)
     run_server(
-        settings, host, port, access_log=access_log, workers=workers, config_path=config_path
+        settings, host, port, access_log=access_log, workers=workers, config_path=config_path,
+        server=server_impl,
     )
 
 
