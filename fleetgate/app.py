@@ -17,6 +17,7 @@ import time
 
 from sqlalchemy import Engine
 
+from fleetgate.api.admin import AdminRoutes
 from fleetgate.api.asgi import Receive, Scope, Send, send_error, send_json
 from fleetgate.api.fleet import FleetRoutes
 from fleetgate.api.localguard import LoopbackGuard
@@ -54,7 +55,12 @@ class Gateway:
             usage=self.usage,
             max_body_bytes=settings.server.max_body_bytes,
         )
-        self.router = Router(self.build_routes(), self.authn.authenticate)
+        self.admin = AdminRoutes(self.engine, settings) if settings.auth.mode == "keys" else None
+        self.router = Router(
+            self.build_routes(),
+            self.authn.authenticate,
+            on_denied=self.admin.on_denied if self.admin is not None else None,
+        )
         self.guard = LoopbackGuard(settings.server.host) if settings.auth.mode == "none" else None
         self.started = False
         self._error_log: dict[str, tuple[float, int]] = {}
@@ -68,6 +74,8 @@ class Gateway:
                 self.pipeline, public_models_list=self.settings.server.public_models_list
             ).routes(),
             *FleetRoutes(self.pool).routes(),
+            # Users, groups and keys live in the store: only key mode has them.
+            *(self.admin.routes() if self.admin is not None else ()),
         ]
 
     # -- public routes --------------------------------------------------------------------------
