@@ -19,6 +19,7 @@ import yaml
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fleetgate import redact
 from fleetgate.errors import ConfigError
 from fleetgate.fleet.spec import (
     BACKEND_TYPES,
@@ -243,6 +244,9 @@ def load(path: str | os.PathLike[str]) -> Settings:
     except yaml.YAMLError as e:
         raise ConfigError([f"invalid YAML: {e}"], str(p)) from None
     try:
-        return parse(data, env)
+        settings = parse(data, env)
     except ConfigError as e:
         raise ConfigError(e.problems, str(p)) from None
+    # From here on, every secret this config holds is masked in whatever this process logs.
+    redact.register_settings(settings)
+    return settings

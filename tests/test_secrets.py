@@ -75,3 +75,13 @@ def test_every_log_record_is_redacted_whatever_handler_writes_it(caplog):
     assert KEY not in caplog.text and "late-registered-secret" not in caplog.text
     assert "sk-in-traceback-1" not in caplog.text
     assert "?api_key=*** HTTP/1.1" in caplog.text
+
+
+def test_loading_a_config_registers_its_secrets(tmp_path):
+    (tmp_path / ".env").write_text("UPSTREAM_KEY=from-dotenv-secret-42\n")
+    (tmp_path / "c.yaml").write_text(
+        "models:\n  - name: m\n    api_key: ${UPSTREAM_KEY}\n"
+        "    backend: {type: static, urls: ['http://127.0.0.1:9']}\n"
+    )
+    config.load(tmp_path / "c.yaml")
+    assert redact.redact("upstream said: from-dotenv-secret-42") == "upstream said: ***"

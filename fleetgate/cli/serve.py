@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import ipaddress
 import json
@@ -13,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -393,6 +395,9 @@ def demo(port: int, sim_port: int, state_dir: str) -> None:
             ],
         }
     )
+    # The simulator must not outlive the demo, however the demo ends: normal exit and
+    # exceptions (the finally below), SIGTERM/SIGINT (the server returns, then the finally),
+    # and a crash or SIGKILL (the kernel's parent-death signal, set in the child).
     sim = subprocess.Popen(
         [
             sys.executable,
@@ -409,6 +414,7 @@ def demo(port: int, sim_port: int, state_dir: str) -> None:
             "40",
         ],
         start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()),
     )
     try:
         try:
@@ -429,4 +435,21 @@ def demo(port: int, sim_port: int, state_dir: str) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sim.pid, signal.SIGTERM)
-        sim.wait(timeout=10)
+        try:
+            sim.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sim.pid, signal.SIGKILL)
+            sim.wait(timeout=5)
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies (Linux), even by SIGKILL."""
+
+    def setup() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the line above took effect
+            os._exit(1)
+
+    return setup
