@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import time
+from pathlib import Path
 
+import httpx
 import pytest
+import yaml
+from helpers import FLEETGATE, create_key, free_port, stop, wait_http
 
 from fleetgate import config, redact
 
@@ -85,3 +91,86 @@ def test_loading_a_config_registers_its_secrets(tmp_path):
     )
     config.load(tmp_path / "c.yaml")
     assert redact.redact("upstream said: from-dotenv-secret-42") == "upstream said: ***"
+
+
+# -- end to end: a real gateway, then grep everything it wrote ------------------------------
+
+UPSTREAM_SECRET = "sk-upstream-e2e-5d1f09"
+ENGINE_SECRET = "sk-engine-e2e-77ab3c"
+
+
+def _files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_nothing_the_gateway_writes_holds_a_key_or_an_upstream_secret(tmp_path):
+    """A local engine with --api-key in its command, another that prints its key and dies,
+    an access log, a key in the query string, fleet status: then grep every file written."""
+    port = free_port()
+    sim_cmd = [*FLEETGATE, "sim", "--port", "{port}", "--model", "good",
+               "--api-key", UPSTREAM_SECRET]
+    crash_cmd = ["sh", "-c", 'echo "engine starting, key $3"; exit 1', "x", "{port}",
+                 "--api-key", ENGINE_SECRET]
+    doc = {
+        "server": {"port": port},
+        "store": {"url": f"sqlite:///{tmp_path / 'run' / 'fg.db'}"},
+        "fleet": {"state_dir": str(tmp_path / "run" / "state")},
+        "models": [
+            {"name": "good", "api_key": UPSTREAM_SECRET, "scaling": {"min_replicas": 1},
+             "backend": {"type": "local", "command": sim_cmd,
+                         "log_dir": str(tmp_path / "run" / "logs")}},
+            {"name": "bad", "scaling": {"min_replicas": 1},
+             "restart": {"max_restarts": 1, "backoff_initial_s": 0.1, "backoff_max_s": 0.1},
+             "backend": {"type": "local", "command": crash_cmd,
+                         "log_dir": str(tmp_path / "run" / "logs")}},
+        ],
+    }
+    cfg = tmp_path / "fleetgate.yaml"  # the admin's own file: the one place secrets belong
+    cfg.write_text(yaml.safe_dump(doc))
+    key = create_key(cfg, "user")
+    admin = create_key(cfg, "ops", "--admin")
+    out = tmp_path / "run" / "gateway.log"
+    with open(out, "wb") as log:
+        proc = subprocess.Popen(
+            [*FLEETGATE, "serve", "--config", str(cfg), "--access-log"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/ready", 60, proc)
+        chat = {"model": "good", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        status = {}
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for _ in range(300):  # the good replica ready, the bad one given up on
+                status = c.get("/v1/fleet/status",
+                               headers={"Authorization": f"Bearer {admin}"}).json()
+                by = {m["model"]: m for m in status["models"]}
+                if by["good"]["ready"] and by["bad"]["status"] == "failed":
+                    break
+                time.sleep(0.1)
+            assert by["good"]["ready"] and by["bad"]["status"] == "failed", status
+            r = c.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+            assert c.post(f"/v1/chat/completions?api_key={key}", json=chat).status_code == 401
+            assert c.post("/v1/chat/completions", json=chat,
+                          headers={"Authorization": f"Bearer {key}x"}).status_code == 401
+            shown = c.get("/v1/fleet/status", headers={"Authorization": f"Bearer {admin}"}).text
+    finally:
+        stop(proc)
+    secrets = (key, admin, UPSTREAM_SECRET, ENGINE_SECRET)
+    assert "failed" in shown and not [s for s in secrets if s in shown]
+    engine_logs = set((tmp_path / "run" / "logs").rglob("*.log"))
+    assert engine_logs
+    leaks = {}
+    for f in _files_under(tmp_path / "run"):
+        data = f.read_bytes()
+        if f in engine_logs:
+            # The engine's own output (the crashing one echoes its key): FleetGate can't
+            # rewrite it, so it is private to the gateway's user.
+            assert f.stat().st_mode & 0o077 == 0, f
+            continue
+        found = [s for s in secrets if s.encode() in data]
+        if found:
+            leaks[str(f)] = found
+    assert not leaks, leaks
+    assert b"crash loop" in out.read_bytes() or b"failed" in out.read_bytes()
