@@ -91,9 +91,6 @@ class AuthSettings(_Model):
     # Fail-closed thresholds; None: max(5 s, 5 polls) and max(30 s, 10 polls).
     store_stale_after_s: float | None = Field(None, gt=0)
     store_hang_after_s: float | None = Field(None, gt=0)
-    # Fail-closed thresholds; None: max(5 s, 5 polls) and max(30 s, 10 polls).
-    store_stale_after_s: float | None = Field(None, gt=0)
-    store_hang_after_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _tokens_fit_mode(self) -> AuthSettings:

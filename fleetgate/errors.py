@@ -96,14 +96,6 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
-class Conflict(GatewayError):
-    """The change clashes with what is stored: a name taken, a group still in use."""
-
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
-
-
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
