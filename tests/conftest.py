@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,8 +13,25 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import GW, settings_for, sim  # noqa: E402
+from leftovers import kill, mark_session, wait_for_none  # noqa: E402
 
 from fleetgate.app import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fail the run if a gateway, simulator or engine it started outlives it (tests/leftovers.py).
+
+    Autouse and session-scoped, so it is set up first and torn down last: every other
+    fixture has stopped its processes by then.
+    """
+    token = mark_session()
+    yield
+    left = wait_for_none(token, os.getpid())
+    kill(list(left))
+    assert not left, "processes the tests started are still running (killed now):\n" + "\n".join(
+        f"  {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items())
+    )
 
 
 @pytest.fixture(scope="session")
