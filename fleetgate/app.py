@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from fleetgate.api.admin import AdminRoutes
 from fleetgate.api.asgi import Receive, Scope, Send, send_error, send_json
+from fleetgate.api.callbacks import CallbackRoutes
 from fleetgate.api.fleet import FleetRoutes
 from fleetgate.api.localguard import LoopbackGuard
 from fleetgate.api.openai import OpenAIRoutes
@@ -74,6 +75,7 @@ class Gateway:
                 self.pipeline, public_models_list=self.settings.server.public_models_list
             ).routes(),
             *FleetRoutes(self.pool).routes(),
+            *CallbackRoutes(self.pool.control).routes(),  # public: one-time job tokens
             # Users, groups and keys live in the store: only key mode has them.
             *(self.admin.routes() if self.admin is not None else ()),
         ]

@@ -2,7 +2,8 @@
 
 Thin on purpose: each command is one or a few calls to ``/v1/fleet/*`` (see
 :mod:`fleetgate.fleet.api_handlers`) and prints the answer. ``up --wait`` polls
-``/v1/fleet/status`` every half second, bounded by ``--timeout``.
+``/v1/fleet/status`` every half second, bounded by ``--timeout``. A replica whose job still
+waits in a scheduler's queue shows as ``queued (REASON)``, with the queue's estimate.
 """
 
 from __future__ import annotations
@@ -82,11 +83,22 @@ def _model(doc: dict[str, Any], name: str) -> dict[str, Any] | None:
     return None
 
 
+def replica_state(r: dict[str, Any]) -> str:
+    """A replica's state as people read it: a job still in a scheduler's queue is "queued",
+    with the scheduler's reason."""
+    if r.get("slurm_state") == "PENDING" and r.get("state") in ("pending", "starting"):
+        reason = r.get("pending_reason")
+        return f"queued ({reason})" if reason else "queued"
+    return str(r.get("state"))
+
+
 def _progress(m: dict[str, Any], elapsed: float) -> str:
     reps = [r for r in m.get("replicas", []) if r.get("state") not in ("stopped",)]
-    states = ",".join(r["state"] for r in reps) or "-"
+    states = ",".join(replica_state(r) for r in reps) or "-"
     line = ""
     for r in reps:
+        if r.get("note"):
+            line = r["note"]
         if r.get("last_log_line"):
             line = r["last_log_line"]
     out = f"[{elapsed:6.1f}s] {m['model']}: {m.get('status')} (replicas: {states})"
@@ -170,12 +182,14 @@ def table(doc: dict[str, Any]) -> str:
             )
         for r in reps:
             reason = str(r.get("reason", "")).splitlines()[0][:60] if r.get("reason") else ""
+            if r.get("note"):  # what the launcher says now (a queued job's reason) beats history
+                reason = str(r["note"])[:80]
             rows.append(
                 (
                     m["model"],
                     str(m.get("status")),
                     r["id"],
-                    r["state"],
+                    replica_state(r),
                     str(r.get("inflight", 0)),
                     _age(r.get("idle_s")),
                     _age(r.get("age_s")),

@@ -121,6 +121,20 @@ class ModelGroup:
             return "stopping"
         return "stopped"
 
+    def queue_note(self) -> tuple[str, float | None]:
+        """What a launcher said about the replica closest to starting (a queued SLURM job's
+        reason and the queue's estimate), for every caller allowed the model: one line, no
+        job ids or nodes. ("", None) when there is nothing to say."""
+        notes = [
+            (r.eta_s if r.eta_s is not None else float("inf"), r.note)
+            for r in self.replicas
+            if r.active and r.note and r.state in (State.PENDING, State.STARTING)
+        ]
+        if not notes:
+            return "", None
+        eta, note = min(notes)
+        return " ".join(note.split())[:300], (None if eta == float("inf") else eta)
+
     def starting_eta(self) -> float | None:
         """Seconds until a starting replica is likely ready, from the last cold start."""
         last = self.stats.last_cold_start_s

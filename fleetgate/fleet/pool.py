@@ -148,10 +148,27 @@ class Pool:
                 f"The model '{g.name}' has no backend answering its health check; retry shortly.",
                 retry_after=retry_after_estimate(policy, None),
             )
+        note, queue_eta = g.queue_note()
+        if note:
+            # The launcher's own view (a job waiting in SLURM's queue, and why); the queue's
+            # estimate may put Retry-After up to 300 s out.
+            return Unavailable(
+                f"The model '{g.name}' is starting ({note}); retry later.",
+                retry_after=(
+                    retry_after_estimate(policy, queue_eta, 300)
+                    if queue_eta is not None
+                    else retry_after_estimate(policy, g.starting_eta())
+                ),
+            )
         return Unavailable(
             f"The model '{g.name}' is starting; retry shortly.",
             retry_after=retry_after_estimate(policy, g.starting_eta()),
         )
+
+    def waiting_note(self, model: str) -> str:
+        """One line on why a waiting request still waits ("queued in SLURM: Resources, expected
+        to start in about 40s"), for the SSE keep-alive comments; "" when there is none."""
+        return self._group(model).queue_note()[0]
 
     def cold_start_mode(self, model: str) -> Literal["reject", "wait"]:
         return self._group(model).policy.cold_start.mode

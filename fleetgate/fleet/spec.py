@@ -394,7 +394,7 @@ class SlurmBackend(BackendSpec):
         )
 
 
-Backend = Annotated[StaticBackend | LocalBackend, Field(discriminator="type")]
+Backend = Annotated[StaticBackend | LocalBackend | SlurmBackend, Field(discriminator="type")]
 
 
 def _backend_types() -> frozenset[str]:

@@ -18,12 +18,14 @@ from fleetgate.fleet.launchers.base import (
     Observed,
 )
 from fleetgate.fleet.launchers.local import LocalLauncher
+from fleetgate.fleet.launchers.slurm import SlurmLauncher
 from fleetgate.fleet.launchers.static import StaticLauncher
 from fleetgate.fleet.spec import FleetSettings
 
 LAUNCHERS: dict[str, Callable[[FleetSettings], Launcher]] = {
     "static": StaticLauncher,
     "local": LocalLauncher,
+    "slurm": SlurmLauncher,
 }
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Launcher",
     "LocalLauncher",
     "NullLauncher",
+    "SlurmLauncher",
     "Observed",
     "StaticLauncher",
 ]

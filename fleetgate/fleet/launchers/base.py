@@ -25,6 +25,9 @@ from pydantic import BaseModel
 
 from fleetgate.fleet.spec import FleetSettings
 
+#: Where a launched job reports its engine's address (see :class:`AcceptsCallbacks`).
+CALLBACK_PATH = "/v1/fleet/callback"
+
 
 def config_digest(model: str, backend: BaseModel) -> str:
     """Identifies what a replica was started from; adoption requires it unchanged."""
