@@ -11,11 +11,17 @@ PY="${PYTHON:-python3}"
 echo "== installing FleetGate and its test dependencies"
 "$PY" -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-echo "== installing Debian packages the tests drive: PostgreSQL (store), wrk and nginx (bench smoke tests)"
+echo "== installing Debian packages the tests drive: PostgreSQL (store), wrk and nginx (bench smoke tests), SLURM, munge and sshd (tests/slurm)"
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+# The SLURM tier (tests/slurm) starts its own single-node cluster and an sshd on loopback.
+[ -x /usr/sbin/slurmctld ] || missing+=(slurmctld)
+[ -x /usr/sbin/slurmd ] || missing+=(slurmd)
+command -v sbatch >/dev/null || missing+=(slurm-client)
+[ -x /usr/sbin/munged ] || missing+=(munge)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq
