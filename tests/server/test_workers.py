@@ -1,0 +1,106 @@
+"""``fleetgate serve --workers 2``: both workers serve on one port, and every way the parent
+goes (SIGTERM, a worker dying, SIGKILL of the parent) leaves no worker behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import FLEETGATE, create_key, free_port, sim, stop, wait_http
+
+
+def children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def until(pred: object, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    tmp = tmp_path_factory.mktemp("workers")
+    with sim("upstream-name", "--ttft-ms", "0", "--tokens-per-s", "0") as sim_url:
+        cfg = tmp / "gw.yaml"
+        cfg.write_text(
+            "auth: {mode: keys}\n"
+            f"store: {{url: 'sqlite:///{tmp / 'fg.db'}'}}\n"
+            "server: {shutdown_grace_s: 5}\n"
+            "models:\n"
+            "  - name: chat\n"
+            "    served_name: upstream-name\n"
+            f"    backend: {{type: static, urls: ['{sim_url}']}}\n"
+        )
+        yield cfg, create_key(cfg, "alice")
+
+
+@contextlib.contextmanager
+def workers(cfg: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
+    port = free_port()
+    p = subprocess.Popen([*FLEETGATE, "serve", "--config", str(cfg), "--port", str(port),
+                          "--workers", "2"], start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", 60, p)
+        assert until(lambda: len(children(p.pid)) == 2, 10)
+        kids = children(p.pid)
+        yield p, port, kids
+    finally:
+        stop(p)
+        for k in children(p.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, signal.SIGKILL)
+
+
+def _chat(port: int, key: str) -> int:
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                   headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "chat", "messages": [{"role": "user", "content": "x"}],
+                         "max_tokens": 2})
+    return r.status_code
+
+
+def test_two_workers_serve_and_sigterm_to_the_parent_stops_them(config: tuple[Path, str]) -> None:
+    cfg, key = config
+    with workers(cfg) as (p, port, kids):
+        assert all(_chat(port, key) == 200 for _ in range(20))
+        p.send_signal(signal.SIGTERM)  # the parent only, as a service manager would
+        assert p.wait(timeout=20) == 0
+        assert until(lambda: not any(alive(k) for k in kids), 10), "a worker outlived its parent"
+
+
+def test_a_worker_dying_stops_the_others_and_the_parent(config: tuple[Path, str]) -> None:
+    cfg, _ = config
+    with workers(cfg) as (p, _, kids):
+        os.kill(kids[0], signal.SIGKILL)
+        assert p.wait(timeout=20) == 1
+        assert until(lambda: not alive(kids[1]), 10)
+
+
+def test_a_killed_parent_takes_its_workers_with_it(config: tuple[Path, str]) -> None:
+    cfg, _ = config
+    with workers(cfg) as (p, _, kids):
+        p.kill()
+        p.wait(timeout=10)
+        assert until(lambda: not any(alive(k) for k in kids), 20), "orphaned workers"
