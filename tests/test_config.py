@@ -125,7 +125,11 @@ def test_upstream_key_cannot_inject_headers():
     assert p[0].startswith("models[0].api_key:")
 
 
-def test_https_upstreams_are_refused_at_load_not_per_request():
+def test_https_upstreams_load_and_other_schemes_are_refused_at_load():
+    s = config.parse({"models": [{"name": "m", "backend": {"type": "static",
+                                                           "urls": ["https://x:1/"]}}]})
+    assert s.models[0].backend.urls == ("https://x:1",)  # type: ignore[union-attr]
+    assert s.server.upstream_tls.verify is True  # verification is on unless turned off
     p = problems({"models": [{"name": "m", "backend": {"type": "static",
-                                                       "urls": ["https://x:1"]}}]})
-    assert p[0].startswith("models[0].backend.urls:") and "not supported yet" in p[0]
+                                                       "urls": ["ftp://x:1"]}}]})
+    assert p[0].startswith("models[0].backend.urls:") and "http:// or https://" in p[0]

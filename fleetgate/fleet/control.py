@@ -24,6 +24,7 @@ from fleetgate.fleet.group import ModelGroup
 from fleetgate.fleet.health import Prober
 from fleetgate.fleet.launchers import LAUNCHERS, AcceptsCallbacks, Launcher
 from fleetgate.fleet.launchers.base import config_digest
+from fleetgate.proxy.client import tls_context
 
 log = logging.getLogger("fleetgate.fleet")
 
@@ -38,7 +39,7 @@ class Fleet:
         self.settings = settings
         self.fleet = settings.fleet
         self.groups = groups
-        self.prober = Prober(self.fleet.probe_timeout_s)
+        self.prober = Prober(self.fleet.probe_timeout_s, tls_context(settings.server))
         self.launchers: dict[str, Launcher] = dict(launchers or {})
         for kind, make in LAUNCHERS.items():
             # Every type, used or not: leftovers of a model since removed are settled too.

@@ -6,19 +6,23 @@ no retries: the caller polls. A probe never raises; it answers ``(ok, why_not)``
 
 from __future__ import annotations
 
+import ssl
+
 import aiohttp
 
 
 class Prober:
-    def __init__(self, timeout_s: float = 2.0) -> None:
+    def __init__(self, timeout_s: float = 2.0, tls: ssl.SSLContext | None = None) -> None:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # https:// replicas are checked as the relay checks them (server.upstream_tls).
+        self.tls: ssl.SSLContext | bool = tls if tls is not None else True
         self._session: aiohttp.ClientSession | None = None
 
     def _s(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=self.timeout,
-                connector=aiohttp.TCPConnector(limit=64, force_close=True),
+                connector=aiohttp.TCPConnector(limit=64, force_close=True, ssl=self.tls),
                 headers={"user-agent": "fleetgate-probe"},
             )
         return self._session

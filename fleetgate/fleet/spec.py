@@ -70,14 +70,9 @@ class StaticBackend(BackendSpec):
     def _http_urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         out = []
         for u in v:
-            if u.startswith("https://"):
-                # The relay speaks plain HTTP/1.1; refusing here beats failing every request.
-                raise ValueError(
-                    f"https:// upstreams are not supported yet: {u!r}; reach the engine over "
-                    "plain http:// on a trusted network, or through a local TLS proxy"
-                )
-            if not u.startswith("http://"):
-                raise ValueError(f"backend URL must start with http://: {u!r}")
+            # https:// is verified as server.upstream_tls says (on, by default).
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"backend URL must start with http:// or https://: {u!r}")
             out.append(u.rstrip("/"))
         return tuple(out)
 
