@@ -41,9 +41,9 @@ def slurm_model(tmp: Path, name: str, *sim_args: str, **policy: Any) -> dict[str
     return {"name": name, "backend": backend, **policy}
 
 
-def gateway_doc(fleet: Fleet, models: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+def gateway_doc(f: Fleet, models: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
     """A gateway config whose SLURM jobs call back to that gateway's own port."""
-    doc = fleet.config(models, **sections)
+    doc = f.config(models, **sections)
     url = f"http://127.0.0.1:{doc['server']['port']}"
     for m in doc["models"]:
         b = m["backend"]
