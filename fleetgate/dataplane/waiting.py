@@ -6,7 +6,8 @@
   and for them no task is ever created (a task per request cost about a tenth of the gateway's
   CPU in bench/run).
 * :func:`wait_for_replica` is cold-start ``wait`` mode. A streaming client gets its SSE head at
-  once and a comment every few seconds, so neither it nor a proxy in between times out.
+  once and a comment every few seconds, so neither it nor a proxy in between times out; the
+  comment carries what the launcher says about the wait (a SLURM job's queue reason).
 * :class:`AfterHead` is the ``send`` for a response whose SSE head already went out while
   waiting: the relay's own head is dropped, and a non-stream answer (an error) becomes the
   stream's final ``data:`` event, since the status line can no longer change.
@@ -82,6 +83,15 @@ WAIT_HEAD = [
 KEEPALIVE = b": waiting for the model to start\n\n"
 
 
+def keepalive_comment(note: str) -> bytes:
+    """One SSE comment line; the launcher's note (a queued job's reason) when there is one."""
+    if not note:
+        return KEEPALIVE
+    # A comment is one line: no CR/LF may reach the stream from a launcher's text.
+    clean = " ".join(note.split())[:300].encode("utf-8", "replace")
+    return b": waiting for the model to start (" + clean + b")\n\n"
+
+
 async def wait_for_replica(
     pool: Pool, model: str, send: Send, gone: ClientGone, *, keepalive: bool
 ) -> None:
@@ -96,7 +106,8 @@ async def wait_for_replica(
                 wait.result()
                 return
             if keepalive:
-                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                await send({"type": "http.response.body", "body": keepalive_comment(
+                    pool.waiting_note(model)), "more_body": True})
     finally:
         if not wait.done():
             wait.cancel()

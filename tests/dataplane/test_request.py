@@ -128,3 +128,12 @@ def test_deep_nesting_is_a_400_not_a_crash() -> None:
     with pytest.raises(InvalidRequest) as e:
         upstream_body(deep, req, "m")
     assert e.value.error_code == "invalid_json"
+
+
+def test_keepalive_comments_carry_the_launchers_note_on_one_line() -> None:
+    from fleetgate.dataplane.waiting import KEEPALIVE, keepalive_comment
+
+    assert keepalive_comment("") == KEEPALIVE
+    c = keepalive_comment("queued in SLURM: Resources\r\ndata: {\"fake\": 1}")
+    assert c.startswith(b": waiting for the model to start (queued in SLURM: Resources")
+    assert c.endswith(b"\n\n") and c.count(b"\n") == 2  # an injected line stays in the comment
