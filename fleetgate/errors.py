@@ -114,6 +114,14 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
+class QuotaExceeded(GatewayError):
+    """A token quota for the period is spent: retrying before it resets won't help."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class UpstreamUnreachable(GatewayError):
     status = 502
     type = "server_error"
@@ -145,6 +153,12 @@ class StoreUnavailable(Unavailable):
     """The key store can't be read: fail closed."""
 
     code = "auth_store_unavailable"
+
+
+class LimitsUnavailable(Unavailable):
+    """The shared limits store (Redis) can't be reached: fail closed."""
+
+    code = "limits_unavailable"
 
 
 class UpstreamTimeout(GatewayError):

@@ -1,0 +1,80 @@
+"""The ``x-ratelimit-*`` headers and OpenAI's duration format: pure functions.
+
+Every admitted request and every 429 carries, for requests and for tokens, the limit that is the
+most restrictive of all that apply (the fewest remaining; among equals, the smallest limit):
+
+    x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests
+    x-ratelimit-limit-tokens,   x-ratelimit-remaining-tokens,   x-ratelimit-reset-tokens
+
+A kind with no limit that applies is left out. ``reset`` is the time until that bucket is full
+again, written as OpenAI writes it (Go's duration format): ``20ms``, ``1s``, ``1.5s``, ``6m0s``,
+``1h0m0s``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fleetgate.limits.buckets import until_full_s
+
+
+@dataclass(frozen=True, slots=True)
+class RateView:
+    """One bucket as the client sees it, just after this request's take."""
+
+    limit: int
+    remaining: int
+    reset_s: float
+
+    @classmethod
+    def of(cls, capacity: int, level: float) -> RateView:
+        return cls(capacity, max(0, math.floor(level)), until_full_s(level, capacity))
+
+
+def format_duration(seconds: float) -> str:
+    """``0.02`` -> ``20ms``, ``1`` -> ``1s``, ``1.5`` -> ``1.5s``, ``360`` -> ``6m0s``.
+
+    Rounded up to the millisecond, so a reset is never announced earlier than it happens.
+    """
+    ms = max(0, math.ceil(round(seconds * 1000, 6)))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    s, frac = divmod(rest, 1000)
+    sec = f"{s}.{frac:03d}".rstrip("0") if frac else str(s)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    return f"{sec}s"
+
+
+def most_restrictive(views: Iterable[RateView]) -> RateView | None:
+    best: RateView | None = None
+    for v in views:
+        if best is None or (v.remaining, v.limit) < (best.remaining, best.limit):
+            best = v
+    return best
+
+
+def rate_headers(requests: RateView | None, tokens: RateView | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for kind, v in (("requests", requests), ("tokens", tokens)):
+        if v is None:
+            continue
+        out[f"x-ratelimit-limit-{kind}"] = str(v.limit)
+        out[f"x-ratelimit-remaining-{kind}"] = str(v.remaining)
+        out[f"x-ratelimit-reset-{kind}"] = format_duration(v.reset_s)
+    return out
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds (at least 1) and ``retry-after-ms``, which the official
+    client prefers when present."""
+    ms = max(1, math.ceil(seconds * 1000))
+    return {"retry-after": str(max(1, math.ceil(ms / 1000))), "retry-after-ms": str(ms)}

@@ -1,0 +1,155 @@
+"""Buckets, admission cost, headers and OpenAI's duration format, as tables of cases (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetgate.limits.buckets import admission_cost, refill, settle_level, until_full_s, wait_s
+from fleetgate.limits.headers import (
+    RateView,
+    format_duration,
+    most_restrictive,
+    rate_headers,
+    retry_after,
+)
+
+COST = [
+    # (name, body bytes, max_tokens, n, default, generates, want)
+    ("max_tokens set", 400, 100, 1, 1024, True, 100 + 100),
+    ("neither set: the default", 400, None, 1, 1024, True, 100 + 1024),
+    ("model default", 400, None, 1, 256, True, 100 + 256),
+    ("n multiplies the completion only", 400, 100, 3, 1024, True, 100 + 300),
+    ("prompt rounds up", 5, 10, 1, 1024, True, 2 + 10),
+    ("max_tokens 0", 8, 0, 1, 1024, True, 2),
+    ("embeddings: prompt only", 400, None, 1, 1024, False, 100),
+    ("empty body", 0, 7, 1, 1024, True, 7),
+]
+
+
+@pytest.mark.parametrize(("name", "size", "mt", "n", "default", "gen", "want"), COST,
+                         ids=[c[0] for c in COST])
+def test_admission_cost(name: str, size: int, mt: int | None, n: int, default: int, gen: bool,
+                        want: int) -> None:
+    assert admission_cost(size, mt, n, default, generates=gen) == want
+
+
+REFILL = [
+    # (name, level, updated, now, capacity, want)
+    ("no time passed", 3.0, 10.0, 10.0, 60, 3.0),
+    ("one second of a 60/min bucket", 3.0, 10.0, 11.0, 60, 4.0),
+    ("half a second of 120/min", 0.0, 0.0, 0.5, 120, 1.0),
+    ("capped at capacity", 55.0, 0.0, 60.0, 60, 60.0),
+    ("negative level refills too", -30.0, 0.0, 30.0, 60, 0.0),
+    ("clock went backwards: no refill", 3.0, 10.0, 5.0, 60, 3.0),
+    ("a lowered limit caps the level", 50.0, 10.0, 10.0, 10, 10.0),
+]
+
+
+@pytest.mark.parametrize(("name", "level", "updated", "now", "cap", "want"), REFILL,
+                         ids=[c[0] for c in REFILL])
+def test_refill(name: str, level: float, updated: float, now: float, cap: int, want: float) -> None:
+    assert refill(level, updated, now, cap) == pytest.approx(want)
+
+
+WAIT = [
+    # (level, need, capacity, seconds)
+    (5.0, 1, 10, 0.0),
+    (0.0, 1, 10, 6.0),  # 10 rpm: one request every 6 s
+    (0.5, 1, 60, 0.5),
+    (-100.0, 100, 1000, 12.0),
+]
+
+
+@pytest.mark.parametrize(("level", "need", "cap", "want"), WAIT)
+def test_wait_s(level: float, need: int, cap: int, want: float) -> None:
+    assert wait_s(level, need, cap) == pytest.approx(want)
+
+
+def test_until_full() -> None:
+    assert until_full_s(10.0, 10) == 0
+    assert until_full_s(0.0, 10) == pytest.approx(60)
+    assert until_full_s(5.0, 10) == pytest.approx(30)
+
+
+SETTLE = [
+    # (name, level, charged, actual, capacity, want)
+    ("refund the over-count", 0.0, 1000, 300, 10_000, 700.0),
+    ("charge the under-count", 500.0, 100, 900, 10_000, -300.0),
+    ("exact", 42.0, 10, 10, 100, 42.0),
+    ("refund never passes capacity", 90.0, 50, 0, 100, 100.0),
+]
+
+
+@pytest.mark.parametrize(("name", "level", "charged", "actual", "cap", "want"), SETTLE,
+                         ids=[c[0] for c in SETTLE])
+def test_settle_level(name: str, level: float, charged: int, actual: int, cap: int,
+                      want: float) -> None:
+    assert settle_level(level, charged, actual, cap) == want
+
+
+DURATIONS = [
+    (0, "0s"),
+    (0.02, "20ms"),
+    (0.0201, "21ms"),  # rounded up: never announce a reset earlier than it happens
+    (0.999, "999ms"),
+    (1, "1s"),
+    (1.5, "1.5s"),
+    (6.0, "6s"),
+    (59.25, "59.25s"),
+    (60, "1m0s"),
+    (360, "6m0s"),
+    (361.5, "6m1.5s"),
+    (3600, "1h0m0s"),
+    (3723, "1h2m3s"),
+    (-1, "0s"),
+]
+
+
+@pytest.mark.parametrize(("seconds", "want"), DURATIONS)
+def test_format_duration(seconds: float, want: str) -> None:
+    assert format_duration(seconds) == want
+
+
+def test_rate_view_of_a_bucket() -> None:
+    v = RateView.of(10, 2.7)
+    assert (v.limit, v.remaining) == (10, 2)
+    assert v.reset_s == pytest.approx(43.8)
+    assert RateView.of(10, -3.0).remaining == 0
+
+
+MOST = [
+    ("fewest remaining wins", [(100, 50), (10, 9)], (10, 9)),
+    ("remaining beats a smaller limit", [(10, 9), (1000, 3)], (1000, 3)),
+    ("tie: the smaller limit", [(1000, 0), (10, 0)], (10, 0)),
+    ("none", [], None),
+]
+
+
+@pytest.mark.parametrize(("name", "views", "want"), MOST, ids=[c[0] for c in MOST])
+def test_most_restrictive(name: str, views: list[tuple[int, int]],
+                          want: tuple[int, int] | None) -> None:
+    got = most_restrictive(RateView(lim, rem, 0.0) for lim, rem in views)
+    assert (None if got is None else (got.limit, got.remaining)) == want
+
+
+def test_rate_headers_values() -> None:
+    h = rate_headers(RateView(10, 9, 6.0), RateView(1000, 200, 48.0))
+    assert h == {
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "9",
+        "x-ratelimit-reset-requests": "6s",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "200",
+        "x-ratelimit-reset-tokens": "48s",
+    }
+    assert rate_headers(None, None) == {}
+    assert set(rate_headers(None, RateView(5, 1, 0.0))) == {
+        "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}
+
+
+RETRY = [(0.001, "1", "1"), (0.5, "1", "500"), (6.0, "6", "6000"), (6.0001, "7", "6001")]
+
+
+@pytest.mark.parametrize(("s", "ra", "ms"), RETRY)
+def test_retry_after(s: float, ra: str, ms: str) -> None:
+    assert retry_after(s) == {"retry-after": ra, "retry-after-ms": ms}
