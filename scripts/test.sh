@@ -11,11 +11,12 @@ PY="${PYTHON:-python3}"
 echo "== installing FleetGate and its test dependencies"
 "$PY" -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-echo "== installing Debian packages the tests drive: PostgreSQL (store), wrk and nginx (bench smoke tests), SLURM, munge and sshd (tests/slurm)"
+echo "== installing Debian packages the tests drive: PostgreSQL (store), Redis (limits), wrk and nginx (bench smoke tests), SLURM, munge and sshd (tests/slurm)"
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 # The SLURM tier (tests/slurm) starts its own single-node cluster and an sshd on loopback.
 [ -x /usr/sbin/slurmctld ] || missing+=(slurmctld)
 [ -x /usr/sbin/slurmd ] || missing+=(slurmd)
