@@ -78,3 +78,36 @@ def test_cold_start_waits_in_the_queue_with_its_reason_then_streams(
         assert ready["slurm_state"] == "RUNNING" and ready["node"] == cluster.host
     finally:
         subprocess.run(["scancel", blocker], check=False, timeout=30)
+
+
+def test_a_job_pending_too_long_is_cancelled_and_reported(
+    fleet: Fleet, cluster: Cluster, tmp_path: Path
+) -> None:
+    blocker = block_node(tmp_path)
+    try:
+        m = slurm_model(
+            tmp_path, "m", backend={"pending_timeout_s": 3, "pending_timeout_action": "cancel"},
+            restart={"max_restarts": 0},
+        )
+        gw = fleet.gateway(gateway_doc(fleet, [m]))
+        httpx.post(f"{gw.url}/v1/fleet/up", json={"model": "m"},
+                   headers={"authorization": f"Bearer {gw.admin_key}"}, timeout=10)
+        until(lambda: gw.status("m")["status"] == "failed", 40, "held failed")
+        assert "over pending_timeout_s" in gw.status("m")["last_failure"]
+        ours = [j for j in cluster.jobs() if j["name"].startswith("fleetgate.")]
+        assert not ours, ours  # cancelled, not left waiting in the queue
+    finally:
+        subprocess.run(["scancel", blocker], check=False, timeout=30)
+
+
+def test_idle_to_zero_cancels_the_job_and_a_request_brings_it_back(
+    fleet: Fleet, cluster: Cluster, tmp_path: Path
+) -> None:
+    m = slurm_model(tmp_path, "m", scaling={"idle_timeout_s": 3}, cold_start={"mode": "wait"})
+    gw = fleet.gateway(gateway_doc(fleet, [m]))
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert gw.client().chat.completions.create(**ask).choices[0].message.content  # type: ignore[call-overload]
+    assert cluster.jobs()
+    until(lambda: not cluster.jobs(), 40, "the idle job cancelled")
+    assert gw.status("m")["status"] == "stopped"
+    assert gw.client().chat.completions.create(**ask).choices[0].message.content  # type: ignore[call-overload]
