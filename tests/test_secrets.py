@@ -63,24 +63,48 @@ def test_known_secrets_from_the_config_are_masked_anywhere():
         assert secret not in out
 
 
-def test_every_log_record_is_redacted_whatever_handler_writes_it(caplog):
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.append(self.format(record))
+
+
+def test_every_log_record_is_redacted_whatever_handler_writes_it():
+    """A handler attached after install() (as uvicorn attaches its own) still sees it redacted."""
     redact.install()
     redact.register(["late-registered-secret"])
-    log = logging.getLogger("uvicorn.access")
-    with caplog.at_level(logging.INFO):
+    keep = _Keep()
+    loggers = [logging.getLogger("uvicorn.access"), logging.getLogger("fleetgate")]
+    for lg in loggers:
+        lg.addHandler(keep)
+    old = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.INFO)
         # uvicorn's access formatter reads these five arguments back: they must stay a tuple.
-        log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "POST",
-                 f"/v1/chat/completions?api_key={KEY}", "1.1", 401)
-        logging.getLogger("fleetgate").warning("replica failed: %s", {"tail": "late-registered-secret"})
+        loggers[0].info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "POST",
+                        f"/v1/chat/completions?api_key={KEY}", "1.1", 401)
+        loggers[1].warning("replica failed: %s", {"tail": "late-registered-secret"})
         try:
             raise RuntimeError("boom --api-key sk-in-traceback-1")
         except RuntimeError:
-            logging.getLogger("fleetgate").exception("with a traceback")
-    rec = caplog.records[0]
+            loggers[1].exception("with a traceback")
+    finally:
+        for lg, level in zip(loggers, old, strict=True):
+            lg.removeHandler(keep)
+            lg.setLevel(level)
+    rec = keep.records[0]
     assert isinstance(rec.args, tuple) and len(rec.args) == 5 and rec.args[4] == 401
-    assert KEY not in caplog.text and "late-registered-secret" not in caplog.text
-    assert "sk-in-traceback-1" not in caplog.text
-    assert "?api_key=*** HTTP/1.1" in caplog.text
+    text = "\n".join(keep.lines)
+    assert KEY not in text and "late-registered-secret" not in text
+    assert "sk-in-traceback-1" not in text and "boom --api-key ***" in text
+    assert "?api_key=*** HTTP/1.1" in text
 
 
 def test_loading_a_config_registers_its_secrets(tmp_path):
