@@ -184,6 +184,8 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await lifespan.shutdown()
+        # The last line of a clean stop; the same words as uvicorn's, which scripts look for.
+        log.info("Application shutdown complete.")
         return 0
 
     async def _sweep(self, state: ServerState, tick: float) -> None:
