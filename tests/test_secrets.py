@@ -198,3 +198,17 @@ def test_nothing_the_gateway_writes_holds_a_key_or_an_upstream_secret(tmp_path):
             leaks[str(f)] = found
     assert not leaks, leaks
     assert b"crash loop" in out.read_bytes() or b"failed" in out.read_bytes()
+
+
+def test_fleet_status_strings_are_redacted_whatever_launcher_wrote_them():
+    from fleetgate.fleet.status import _redacted
+
+    redact.register(["slurm-side-secret-31"])
+    snap = {"models": [{"replicas": [{"reason": "job failed: --api-key=abc12345xyz",
+                                      "events": [{"reason": "tail: slurm-side-secret-31"}],
+                                      "pid": 12, "gpus": ["0"]}], "ready": 0}]}
+    out = _redacted(snap)
+    rep = out["models"][0]["replicas"][0]
+    assert rep["reason"] == "job failed: --api-key=***"
+    assert rep["events"][0]["reason"] == "tail: ***"
+    assert (rep["pid"], rep["gpus"], out["models"][0]["ready"]) == (12, ["0"], 0)

@@ -11,6 +11,7 @@ from typing import Any
 from fleetgate.fleet.group import ModelGroup
 from fleetgate.fleet.pool import Pool
 from fleetgate.fleet.replica import Replica
+from fleetgate.redact import redact
 
 
 def _replica(pool: Pool, g: ModelGroup, r: Replica, now: float) -> dict[str, Any]:
@@ -75,7 +76,21 @@ def model_snapshot(pool: Pool, g: ModelGroup, now: float | None = None) -> dict[
 
 
 def snapshot(pool: Pool, models: list[str] | None = None) -> dict[str, Any]:
-    """Every model (or those named) with its replicas, as JSON-safe dicts."""
+    """Every model (or those named) with its replicas, as JSON-safe dicts.
+
+    Every string in it is redacted (:mod:`fleetgate.redact`): reasons and log lines quote the
+    engines, whichever launcher runs them, and engines print their own keys.
+    """
     now = time.monotonic()
     names = list(pool.groups) if models is None else [m for m in models if m in pool.groups]
-    return {"models": [model_snapshot(pool, pool.groups[n], now) for n in names]}
+    return _redacted({"models": [model_snapshot(pool, pool.groups[n], now) for n in names]})
+
+
+def _redacted(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: _redacted(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_redacted(v) for v in obj]
+    return obj
