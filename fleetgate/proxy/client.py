@@ -509,7 +509,9 @@ class Upstream:
                 raise UpstreamTimeout("The model's server did not answer in time.") from None
             except BadUpstreamResponse as e:
                 resp.close()
-                raise UpstreamUnreachable(f"The model's server sent a bad response: {e}.") from None
+                raise UpstreamUnreachable(
+                    f"The model's server sent a bad response: {e}.", code="upstream_bad_response"
+                ) from None
             except UpstreamClosed:
                 resp.close()
                 if gone.gone:

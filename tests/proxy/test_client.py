@@ -238,8 +238,9 @@ async def test_interim_1xx_is_skipped_and_the_next_request_gets_its_own_answer(s
 async def test_status_that_cannot_be_relayed_is_502(server, code):
     _, url = server
     u = await client()
-    with pytest.raises(UpstreamUnreachable, match="bad response"):
+    with pytest.raises(UpstreamUnreachable, match="bad response") as e:
         await post(u, url + f"/status-{code}")
+    assert e.value.status == 502 and e.value.error_code == "upstream_bad_response"
     status, body, _ = await post(u, url + "/echo", body=b"after")  # the pool still works
     assert (status, body) == (200, b"after")
     await u.stop()
