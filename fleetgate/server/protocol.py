@@ -213,6 +213,8 @@ class HttpProtocol(asyncio.Protocol):
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.opts = state.options
+        self.max_head_bytes = state.options.max_header_bytes
+        self.max_headers = state.options.max_headers
         self.loop = state.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -343,22 +345,23 @@ class HttpProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_bytes += len(url)
-        if self.head_bytes > self.opts.max_header_bytes:
+        if self.head_bytes > self.max_head_bytes:
             raise _Refuse(self._too_big_head())
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.opts.max_header_bytes:
-            raise _Refuse(self._too_big_head())
-        if len(self.headers) >= self.opts.max_headers:
+        headers = self.headers
+        size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
+        if size > self.max_head_bytes or len(headers) >= self.max_headers:
+            if size > self.max_head_bytes:
+                raise _Refuse(self._too_big_head())
             raise _Refuse(wire.HeadersTooLarge(
-                f"The request has more than {self.opts.max_headers} header lines."))
+                f"The request has more than {self.max_headers} header lines."))
         name = name.lower()
         if name == b"content-length":
             self.content_length = int(value)  # the parser has checked it: digits, only one
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_100 = True
-        self.headers.append((name, value))
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -369,9 +372,14 @@ class HttpProtocol(asyncio.Protocol):
         limit = self.opts.max_body_bytes
         if limit is not None and self.content_length > limit:
             raise _Refuse(wire.too_large(limit))
+        url = self.url
         try:
-            parsed = httptools.parse_url(self.url)
-            raw_path = parsed.path
+            if url[:1] == b"/" and b"#" not in url:
+                # origin-form, the usual case: the parser has already checked its characters
+                raw_path, _, query = url.partition(b"?")
+            else:
+                parsed = httptools.parse_url(url)
+                raw_path, query = parsed.path, parsed.query or b""
             path = raw_path.decode("ascii")
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             raise _Refuse(wire.BadRequest("Malformed HTTP request: invalid target.")) from None
@@ -388,7 +396,7 @@ class HttpProtocol(asyncio.Protocol):
             "root_path": "",
             "path": path,
             "raw_path": raw_path,
-            "query_string": parsed.query or b"",
+            "query_string": query,
             "headers": self.headers,
         }
         keep_alive = p.should_keep_alive() and version == "1.1"

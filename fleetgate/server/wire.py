@@ -37,9 +37,20 @@ def status_line(status: int) -> bytes:
     return line
 
 
+# Headers already checked. An app sends the same few again and again (content-type, its own
+# marker headers, small content-lengths), so most checks are one set lookup; bounded in size.
+_CHECKED: set[tuple[bytes, bytes]] = set()
+_CHECKED_MAX = 4096
+
+
 def check_header(name: bytes, value: bytes) -> None:
+    pair = (name, value)
+    if pair in _CHECKED:
+        return
     if not name or _BAD_NAME.search(name) or _BAD_VALUE.search(value):
         raise ValueError(f"invalid response header {name[:100]!r}")
+    if len(_CHECKED) < _CHECKED_MAX and len(value) <= 256:
+        _CHECKED.add(pair)
 
 
 class DateHeader:

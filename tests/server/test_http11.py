@@ -287,25 +287,11 @@ async def test_graceful_shutdown_finishes_the_request_in_flight() -> None:
 
 
 async def test_a_small_response_is_one_write() -> None:
-    from server_helpers import Seen, make_app
+    from server_helpers import Recording, Seen, make_app
 
     from fleetgate.server.options import ServerOptions
     from fleetgate.server.protocol import HttpProtocol
     from fleetgate.server.server import ServerState
-
-    class Recording(asyncio.Transport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.writes: list[bytes] = []
-
-        def write(self, data: bytes | bytearray | memoryview) -> None:
-            self.writes.append(bytes(data))
-
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name)
-
-        def pause_reading(self) -> None: ...
-        def resume_reading(self) -> None: ...
 
     state = ServerState(make_app(Seen()), ServerOptions(), asyncio.get_running_loop())
     proto = HttpProtocol(state)
