@@ -124,6 +124,7 @@ class _Queue:
 
     jobs: dict[str, Job] = field(default_factory=dict)
     at: float | None = None  # monotonic time of the last good answer
+    asked: float | None = None  # of the last attempt, good or not: the rate limit
     error: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -224,14 +225,14 @@ class SlurmLauncher(LauncherBase):
         every = max(_MIN_POLL_S, every)
 
         def fresh() -> bool:
-            return q.at is not None and time.monotonic() - q.at < every
+            return q.asked is not None and time.monotonic() - q.asked < every
 
         if not force and fresh():
             return q
         async with q.lock:
             if not force and fresh():
                 return q  # another poller refreshed it while we waited
-            asked = time.monotonic()
+            asked = q.asked = time.monotonic()
             try:
                 rc, out, err = await self._run(
                     submit, ["squeue", "--noheader", "--me", "--states=all", "-o", _FORMAT]
@@ -241,9 +242,9 @@ class SlurmLauncher(LauncherBase):
             if rc == 0:
                 q.jobs, q.at, q.error = parse_squeue(out, self.prefix), asked, ""
             else:
+                # Keep the last answer (jobs are never replaced for want of a view of them);
+                # the next attempt comes no sooner than the interval.
                 q.error = self._failure(submit, "squeue", rc, err).message
-                # Keep the last answer; retry no sooner than the interval either way.
-                q.at = asked if q.at is None or not q.jobs else q.at
                 log.warning("SLURM: %s", q.error)
         return q
 
@@ -311,10 +312,9 @@ class SlurmLauncher(LauncherBase):
         return max(_MIN_POLL_S, t.backend.poll_interval_s)
 
     def handover_before_s(self, handle: Handle) -> float | None:
+        # Any time limit counts, the partition's default too: squeue says how much is left.
         t = self._tracked.get(handle.replica_id)
-        if t is None or t.backend.time_limit is None:
-            return None
-        return t.backend.handover_before_s
+        return None if t is None else t.backend.handover_before_s
 
     async def poll(self, handle: Handle) -> Observed:
         rid = handle.replica_id
