@@ -79,6 +79,19 @@ class ServerSettings(_Model):
     shutdown_grace_s: float = Field(30.0, ge=0)
     http: HttpSettings = HttpSettings()
     tls: TlsSettings | None = None
+    # Peers whose X-Forwarded-For is believed (CIDRs); by default nobody's.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from fleetgate.auth.networks import parse_networks
+
+        try:
+            parse_networks(v)
+        except ValueError as e:
+            raise ValueError(str(e).split(": ", 1)[-1]) from None
+        return v
 
 
 class AuthSettings(_Model):

@@ -86,7 +86,7 @@ def worker_main() -> None:
     die_with_parent()
     w = json.loads(os.environ[_WORKER_ENV])
     settings = config_mod.load(w["config"])
-    _log_setup(settings)
+    _log_setup(settings, worker=True)
     opts = server_options(settings, w["host"], w["port"], access_log=w["access_log"],
                           reuse_port=True)
     sock = _bind(opts)
@@ -95,14 +95,18 @@ def worker_main() -> None:
     sys.exit(http_server.run(app, opts, sock))
 
 
-def _log_setup(settings: config_mod.Settings) -> None:
-    """Log lines to stderr, every one through the one redaction (fleetgate/redact.py)."""
+def _log_setup(settings: config_mod.Settings, *, worker: bool = False) -> None:
+    """Log lines to stderr, every one through the one redaction (fleetgate/redact.py).
+
+    A worker of ``--workers N`` puts its process id in every line, to tell the workers apart.
+    """
     from fleetgate import redact
 
     redact.install()
     redact.register_settings(settings)
+    who = "[%(process)d]" if worker else ""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"
     )
 
 

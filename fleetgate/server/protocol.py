@@ -201,6 +201,8 @@ class Cycle:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
+        if self.disconnected:
+            return  # nobody to send it to; the app's later sends are dropped too
         if self.chunked:
             proto.transport.write(head)  # type: ignore[union-attr]  # a stream: head goes now
         else:
