@@ -306,3 +306,21 @@ async def test_a_small_response_is_one_write() -> None:
     assert len(t.writes) == 1  # head and body together
     assert t.writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and t.writes[0].endswith(b"}")
     proto.connection_lost(None)
+
+
+async def test_a_large_body_flows_through_the_read_pause_and_resume() -> None:
+    async with running(max_body_bytes=8 * 1024 * 1024) as srv:
+        c = await Conn.open(srv.port)
+        body = bytes(range(256)) * 4096 * 4  # 4 MiB, far past the 64 KiB high-water mark
+        r = await c.one(post("/echo", body), within_s=30)
+        assert r.status == 200 and json.loads(r.body)["body_len"] == len(body)
+        assert (await c.one(GET)).status == 200
+        c.close()
+
+
+async def test_too_deep_a_pipeline_gets_503_after_the_answers_before_it(srv: Running) -> None:
+    c = await Conn.open(srv.port)
+    await c.send(b"GET /slow?ms=200 HTTP/1.1\r\nHost: t\r\n\r\n" + GET * 40)
+    rs = await c.responses(34, within_s=10)
+    assert [r.status for r in rs] == [200] * 33 + [503]
+    assert await c.closed()
