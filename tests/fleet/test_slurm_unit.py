@@ -16,7 +16,7 @@ import pytest
 
 from fleetgate import config
 from fleetgate.errors import ConfigError
-from fleetgate.fleet.launchers.base import LaunchError, LaunchSpec
+from fleetgate.fleet.launchers.base import Handle, LaunchError, LaunchSpec
 from fleetgate.fleet.launchers.slurm import SlurmLauncher, parse_duration, parse_squeue
 from fleetgate.fleet.slurm_script import JobParams, job_name, render
 from fleetgate.fleet.spec import FleetSettings, SlurmBackend
@@ -119,18 +119,20 @@ def test_squeue_lines_are_parsed_and_filtered_to_this_gateway() -> None:
 
 @pytest.fixture
 def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An ``sbatch`` that saves the script it is given and answers job id 4242."""
+    """An ``sbatch`` that saves the script it is given and answers job id 4242, and an
+    ``squeue`` that answers what ``squeue-out`` holds (job 4242 queued), counting its calls."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     saved = tmp_path / "script.sh"
     for name, body in {
         "sbatch": f'cat > {saved}\necho "4242;cluster"\n',
         "scancel": "exit 0\n",
-        "squeue": "exit 0\n",
+        "squeue": f"echo call >> {tmp_path}/squeue-calls\ncat {tmp_path}/squeue-out\n",
     }.items():
         p = bin_dir / name
         p.write_text("#!/bin/sh\n" + body)
         p.chmod(0o755)
+    (tmp_path / "squeue-out").write_text("4242|fleetgate.gw.m.abc|PENDING|Priority||2:00|N/A\n")
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return saved
 
@@ -151,9 +153,18 @@ def test_callback_tokens_are_one_time_and_only_the_right_one_works(
     assert launcher.accept_callback("m-abc", token.group(1), "evil/x", 8000) is not None
     assert launcher.accept_callback("m-abc", token.group(1), "node1", 8000) is None
     assert launcher.accept_callback("m-abc", token.group(1), "node2", 9000) is not None  # replay
-    obs = asyncio.run(launcher.poll(h))  # squeue (asked after sbatch) no longer lists it
-    assert not obs.running and obs.kind == "gone" and "4242) left the queue" in obs.detail
+    obs = asyncio.run(launcher.poll(h))
+    assert obs.running and obs.public["slurm_state"] == "PENDING"
     asyncio.run(launcher.stop(h))
+
+
+def test_a_job_gone_from_the_queue_is_noticed(tmp_path: Path, fake_sbatch: Path) -> None:
+    (tmp_path / "squeue-out").write_text("")  # squeue, asked after sbatch, doesn't list it
+    launcher = SlurmLauncher(FleetSettings(state_dir=str(tmp_path / "state"), gateway_id="gw"))
+    spec = LaunchSpec("m", "m-abc", backend(log_dir=str(tmp_path / "logs")), "m")
+    h = asyncio.run(launcher.start(spec))
+    obs = asyncio.run(launcher.poll(h))
+    assert not obs.running and obs.kind == "gone" and "4242) left the queue" in obs.detail
 
 
 def test_an_sbatch_refusal_is_a_launch_error_with_its_stderr(
@@ -167,3 +178,27 @@ def test_an_sbatch_refusal_is_a_launch_error_with_its_stderr(
     with pytest.raises(LaunchError) as e:
         asyncio.run(launcher.start(spec))
     assert e.value.kind == "sbatch" and "invalid partition specified: nope" in e.value.message
+
+
+def test_one_squeue_call_per_interval_however_many_replicas_poll(
+    tmp_path: Path, fake_sbatch: Path
+) -> None:
+    """Ten replicas polling together, three rounds inside the interval: one squeue call. The
+    answer is shared: each replica sees its job queued with its reason."""
+    launcher = SlurmLauncher(FleetSettings(state_dir=str(tmp_path / "state"), gateway_id="gw"))
+    b = backend(log_dir=str(tmp_path / "logs"), poll_interval_s=30)
+
+    async def scenario() -> list[Any]:
+        hs = [await launcher.start(LaunchSpec("m", f"m-{i}", b, "m")) for i in range(10)]
+        seen = []
+        for _ in range(3):
+            seen += await asyncio.gather(*(launcher.poll(h) for h in hs))
+        return seen
+
+    seen = asyncio.run(scenario())
+    calls = (tmp_path / "squeue-calls").read_text().splitlines()
+    assert len(calls) == 1
+    assert all(o.running and not o.started and "queued in SLURM: Priority" in o.note for o in seen), seen[0]
+    # Waiting for an address, replicas look every second: from the snapshot, no squeue call.
+    assert launcher.poll_every_s(Handle("m-0", "m", "")) == 1.0
+    assert launcher.poll_every_s(Handle("m-0", "m", "http://n:1")) == 30

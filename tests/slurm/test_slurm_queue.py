@@ -5,7 +5,7 @@ reports its address, passes the gateway's own probe, and the official client str
 from __future__ import annotations
 
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -58,10 +58,17 @@ def test_cold_start_waits_in_the_queue_with_its_reason_then_streams(
             [*FLEETGATE, "up", "m", "--wait", "--timeout", "90"], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        time.sleep(3)
-        scancel(blocker)
-        out, _ = watcher.communicate(timeout=120)
-        assert watcher.returncode == 0, out
+        lines: list[str] = []
+        reader = threading.Thread(
+            target=lambda: lines.extend(iter(watcher.stdout.readline, "")),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        until(lambda: any("queued (Resources)" in ln for ln in lines), 60, "up --wait: queued")
+        scancel(blocker)  # room on the node: the job runs
+        assert watcher.wait(timeout=120) == 0, "".join(lines)
+        reader.join(timeout=10)
+        out = "".join(lines)
         lines = out.splitlines()
         queued_at = next(i for i, ln in enumerate(lines) if "queued (Resources)" in ln)
         healthy_at = next(i for i, ln in enumerate(lines) if ": healthy" in ln)

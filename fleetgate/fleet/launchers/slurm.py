@@ -37,6 +37,7 @@ import re
 import secrets
 import shlex
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,13 @@ class _Tracked:
     submitted_wall: float
     report_file: str = ""  # discovery: file
     pending_warned: bool = False
+    # What squeue said, each time it changed: [wall time, state, reason], the last 16.
+    history: deque[list[Any]] = field(default_factory=lambda: deque(maxlen=16))
+
+    def record(self, state: str, reason: str) -> list[list[Any]]:
+        if not self.history or self.history[-1][1:] != [state, reason]:
+            self.history.append([round(time.time(), 3), state, reason])
+        return list(self.history)
 
 
 def ssh_argv(s: SlurmSubmit) -> list[str]:
@@ -227,9 +235,9 @@ class SlurmLauncher(LauncherBase):
         def fresh() -> bool:
             return q.asked is not None and time.monotonic() - q.asked < every
 
-        if not force and fresh():
+        if not force and fresh() and not q.lock.locked():
             return q
-        async with q.lock:
+        async with q.lock:  # a call in flight: wait for its answer rather than an older one
             if not force and fresh():
                 return q  # another poller refreshed it while we waited
             asked = q.asked = time.monotonic()
@@ -334,7 +342,11 @@ class SlurmLauncher(LauncherBase):
                     public={"slurm_state": "SUBMITTED", "pending_reason": None},
                 )
             return await self._ended(handle, t, "left the queue")
-        public: dict[str, Any] = {"slurm_state": job.state, "pending_reason": None}
+        public: dict[str, Any] = {
+            "slurm_state": job.state,
+            "pending_reason": None,
+            "slurm_history": t.record(job.state, job.reason),
+        }
         if job.state in _QUEUED:
             return await self._queued(handle, t, job, public, private)
         if job.state in _RUNNING:
