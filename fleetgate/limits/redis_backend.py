@@ -246,6 +246,7 @@ class RedisBackend(Backend):
         self._pending: collections.deque[tuple[list[str], list[Any]]] = collections.deque()
         self._max_pending = max_pending_settles
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._flush_lock: asyncio.Lock | None = None
         self.settle_ids = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -277,21 +278,30 @@ class RedisBackend(Backend):
         ]
 
     async def close(self) -> None:
+        """Stop the tasks, send what is pending (bounded wait), let go of this process's slots.
+
+        The tasks are asked to stop rather than cancelled mid-command: a Redis command
+        cancelled half-way can leave its connection unusable. Whatever doesn't finish within
+        a few timeouts is cancelled and left behind.
+        """
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping.set()
+        self._wake.set()
+        await _bounded(self._tasks, 5 * self.timeout_s)
         if self._client is not None:
-            with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.flush(), 5 * self.timeout_s)
-            with contextlib.suppress(RedisError, OSError):
-                await self._client.delete(self._alive_prefix + self.process_id)
+            final = asyncio.create_task(self._final(), name="limits-redis-close")
+            await _bounded([final], 5 * self.timeout_s)
             await self._client.aclose()
             self._client = None
+
+    async def _final(self) -> None:
+        client = self._connect()
+        with contextlib.suppress(RedisError, OSError):
+            await self.flush()
+        with contextlib.suppress(RedisError, OSError):
+            await client.delete(self._alive_prefix + self.process_id)
 
     async def _heartbeat_once(self) -> None:
         client = self._connect()
@@ -300,12 +310,13 @@ class RedisBackend(Backend):
         )
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._heartbeat_once()
             except (RedisError, OSError) as e:
                 self._loud(f"cannot refresh this process's liveness key in Redis: {e}")
-            await asyncio.sleep(self.process_ttl_s / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.process_ttl_s / 3)
 
     def enqueue_settle(self, keys: list[str], args: list[Any]) -> None:
         if len(self._pending) >= self._max_pending:
@@ -336,12 +347,15 @@ class RedisBackend(Backend):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._closed:
+                return  # close() sends the rest
             try:
                 await self.flush()
                 backoff = 0.05
             except (RedisError, OSError) as e:
                 self._loud(f"cannot settle {len(self._pending)} requests in Redis yet: {e}")
-                await asyncio.sleep(backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(2.0, backoff * 2)
                 self._wake.set()
 
@@ -440,6 +454,15 @@ class RedisBackend(Backend):
         key = f"{self.prefix}q:{_sid(subject)}:{pk}"
         if await client.set(key, used, nx=True):
             await client.expireat(key, end)
+
+
+async def _bounded(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+    """Wait for tasks to end, at most ``timeout_s``; cancel (without waiting on) the rest."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for t in pending:
+        t.cancel()
 
 
 def _s(v: bytes | str) -> str:
