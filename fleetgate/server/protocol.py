@@ -577,32 +577,33 @@ class HttpProtocol(asyncio.Protocol):
 
     def check(self, now: float) -> None:
         """Called by the server's sweep, a few times a second at most: enforce the time limits."""
-        if self.closing:
+        c = self.active
+        if c is not None:
+            if c.body_done or c is not self.parsing or self.closing:
+                return  # busy with the app: its own timeouts apply, not the client's
+            o = self.opts
+            if not self.reading_paused and not c.expect_100:
+                elapsed = now - c.body_since
+                if (elapsed > o.header_timeout_s
+                        and c.received < o.body_min_rate_bytes_s * elapsed):
+                    c.disconnected = True  # the app sees the client gone; its answer is dropped
+                    c.wake()
+                    if not c.started:
+                        err = wire.RequestTimeout(
+                            f"The request body arrived more slowly than "
+                            f"{o.body_min_rate_bytes_s:g} bytes/s.")
+                        self.transport.write(  # type: ignore[union-attr]
+                            wire.refusal(err, self.state.date.line))
+                    self._close(linger=False)
+            return
+        if self.closing or self.dead_parser:
             return
         o = self.opts
-        c = self.active
-        if c is None:
-            if self.in_head:
-                if now - self.head_since > o.header_timeout_s:
-                    self._refuse(wire.RequestTimeout(
-                        f"The request head did not arrive within {o.header_timeout_s:g} s."),
-                        linger=False)
-            elif self.dead_parser:
-                pass
-            elif now - self.idle_since > (o.keepalive_timeout_s if self.served
-                                          else o.header_timeout_s):
-                self._close(linger=False)
-            return
-        if (c is self.parsing and not c.body_done and not self.reading_paused
-                and not c.expect_100):
-            elapsed = now - c.body_since
-            if elapsed > o.header_timeout_s and c.received < o.body_min_rate_bytes_s * elapsed:
-                c.disconnected = True  # the app sees the client gone; its answer is dropped
-                c.wake()
-                if not c.started:
-                    err = wire.RequestTimeout(
-                        f"The request body arrived more slowly than "
-                        f"{o.body_min_rate_bytes_s:g} bytes/s.")
-                    self.transport.write(  # type: ignore[union-attr]
-                        wire.refusal(err, self.state.date.line))
-                self._close(linger=False)
+        if self.in_head:
+            if now - self.head_since > o.header_timeout_s:
+                self._refuse(wire.RequestTimeout(
+                    f"The request head did not arrive within {o.header_timeout_s:g} s."),
+                    linger=False)
+        elif now - self.idle_since > (o.keepalive_timeout_s if self.served
+                                      else o.header_timeout_s):
+            self._close(linger=False)

@@ -194,8 +194,10 @@ class Server:
             await asyncio.sleep(tick)
             state.date.refresh()
             now = loop.time()
-            for conn in list(state.connections):
+            for i, conn in enumerate(list(state.connections)):
                 conn.check(now)
+                if i % 1000 == 999:
+                    await asyncio.sleep(0)  # many connections: let requests run in between
 
     async def _drain(self, state: ServerState) -> None:
         # From here no connection starts a new request (idle ones close now, busy ones after
