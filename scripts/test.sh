@@ -16,6 +16,7 @@ missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v curl >/dev/null || missing+=(curl)  # tests/server/test_nginx.py: HTTP/2 through nginx
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 # The SLURM tier (tests/slurm) starts its own single-node cluster and an sshd on loopback.
 [ -x /usr/sbin/slurmctld ] || missing+=(slurmctld)
