@@ -25,11 +25,14 @@ from fleetgate.api.localguard import LoopbackGuard
 from fleetgate.api.openai import OpenAIRoutes
 from fleetgate.api.routing import Request, Route, Router
 from fleetgate.auth.authn import Authenticator
+from fleetgate.auth.networks import parse_networks
 from fleetgate.config import Settings
+from fleetgate.dataplane.admission import Admitter
 from fleetgate.dataplane.pipeline import Pipeline
 from fleetgate.dataplane.routes import RouteTable
 from fleetgate.errors import GatewayError
 from fleetgate.fleet.pool import Pool
+from fleetgate.limits.backend import create as create_backend
 from fleetgate.proxy.client import Upstream
 from fleetgate.store.db import migrate, open_engine
 from fleetgate.store.usage_writer import UsageWriter
@@ -48,6 +51,12 @@ class Gateway:
         self.upstream = Upstream(settings.server)
         self.usage = UsageWriter(self.engine)
         self.models = RouteTable.from_models(settings.models)
+        lim = settings.limits
+        self.limits = create_backend(
+            lim.backend,
+            **({"url": lim.redis_url, "fail_open": lim.redis_fail_open}
+               if lim.backend == "redis" else {}),
+        )
         self.pipeline = Pipeline(
             authn=self.authn,
             routes=self.models,
@@ -55,12 +64,14 @@ class Gateway:
             upstream=self.upstream,
             usage=self.usage,
             max_body_bytes=settings.server.max_body_bytes,
+            admitter=Admitter(self.limits),
         )
         self.admin = AdminRoutes(self.engine, settings) if settings.auth.mode == "keys" else None
         self.router = Router(
             self.build_routes(),
             self.authn.authenticate,
             on_denied=self.admin.on_denied if self.admin is not None else None,
+            trusted_proxies=parse_networks(settings.server.trusted_proxies),
         )
         self.guard = LoopbackGuard(settings.server.host) if settings.auth.mode == "none" else None
         self.started = False
@@ -106,6 +117,7 @@ class Gateway:
             except Exception as e:  # the refresher retries; until then requests fail closed
                 log.warning("could not load keys at start-up: %s", type(e).__name__)
         await self.upstream.start()
+        await self.limits.start()
         await self.pool.start()
         self._tasks = [
             asyncio.create_task(self.authn.run_refresher(), name="key-refresher"),
@@ -124,6 +136,7 @@ class Gateway:
         await self.usage.flush()
         await self.authn.flush()
         await self.pool.stop()
+        await self.limits.close()
         await self.upstream.stop()
 
     # -- ASGI -----------------------------------------------------------------------------------

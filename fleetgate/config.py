@@ -134,6 +134,43 @@ class StoreSettings(_Model):
         return v
 
 
+class ModelLimits(_Model):
+    """Limits on a model itself, for all its callers together (``models[].limits``)."""
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_n: int | None = Field(None, ge=1)
+
+
+class AdmissionPolicy(_Model):
+    """How a model admits requests when its replicas are busy (``models[].admission``)."""
+
+    max_inflight_per_replica: int | None = Field(None, ge=1)
+    max_queue: int = Field(1000, ge=1)
+    queue_timeout_s: float = Field(300.0, gt=0)
+    policy: Literal["fair", "fifo"] = "fair"
+    default_max_tokens: int = Field(1024, ge=1)
+    pass_priority: bool = False
+
+
+class LimitsSettings(_Model):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = Field(None, repr=False)
+    redis_fail_open: bool = False
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> LimitsSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("limits.backend 'redis' needs limits.redis_url")
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("limits.redis_url must be a redis://, rediss:// or unix:// URL")
+        return self
+
+
 class ModelSettings(_Model):
     name: str = Field(min_length=1, max_length=200)
     served_name: str | None = None
@@ -144,6 +181,8 @@ class ModelSettings(_Model):
     cold_start: ColdStartPolicy = ColdStartPolicy()
     balancer: BalancerPolicy = BalancerPolicy()
     restart: RestartPolicy = RestartPolicy()
+    limits: ModelLimits = ModelLimits()
+    admission: AdmissionPolicy = AdmissionPolicy()
 
     @field_validator("api_key")
     @classmethod
@@ -163,6 +202,7 @@ class Settings(_Model):
     auth: AuthSettings = AuthSettings()
     store: StoreSettings = StoreSettings()
     fleet: FleetSettings = FleetSettings()
+    limits: LimitsSettings = LimitsSettings()
     models: tuple[ModelSettings, ...] = ()
 
     @model_validator(mode="after")

@@ -10,7 +10,8 @@ A :class:`Route` is a method, a path and a handler, plus what the caller must pr
 
 :class:`Router` matches on the decoded path the server hands over (``scope["path"]``) and the
 method: exact paths first, then templates with ``{name}`` segments, never a prefix. It then
-authenticates once, refuses what the route doesn't allow (401/403), and calls the handler with
+authenticates once, refuses what the route doesn't allow (401/403; a key or user with a network
+allow-list used from elsewhere is 403 ``ip_not_allowed``), and calls the handler with
 a :class:`Request` that carries the :class:`~fleetgate.auth.principals.Principal`. Handlers never
 authenticate themselves. Unknown paths are 404 and wrong methods 405 with ``Allow``.
 """
@@ -23,6 +24,7 @@ from typing import Literal
 from urllib.parse import parse_qs
 
 from fleetgate.api.asgi import Receive, Scope, Send, header
+from fleetgate.auth.networks import Network, client_address
 from fleetgate.auth.principals import Principal
 from fleetgate.errors import MethodNotAllowed, NotFound, PermissionDenied
 
@@ -76,7 +78,9 @@ class Router:
         authenticate: Authenticate,
         *,
         on_denied: OnDenied | None = None,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
+        self.trusted_proxies = trusted_proxies
         self.routes = tuple(routes)
         self.authenticate = authenticate
         self.on_denied = on_denied
@@ -141,4 +145,19 @@ class Router:
                 raise PermissionDenied(
                     "This route needs an admin key.", code="admin_required"
                 )
+            if principal is not None and principal.networks.restricted:
+                self._check_network(principal, scope)
         await route.handler(Request(scope, receive, send, principal, params))
+
+    def _check_network(self, principal: Principal, scope: Scope) -> None:
+        """The key's (and its user's) allow-lists, against the client's address."""
+        client = scope.get("client")
+        ip = client_address(
+            client[0] if client else None,
+            header(scope, b"x-forwarded-for"),
+            self.trusted_proxies,
+        )
+        if not principal.networks.allows(ip):
+            raise PermissionDenied(
+                "This API key may not be used from this network address.", code="ip_not_allowed"
+            )

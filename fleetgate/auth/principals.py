@@ -16,6 +16,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fleetgate.auth.access import DEFAULT_USER, EVERYTHING, ModelAccess
+from fleetgate.auth.networks import UNRESTRICTED, NetworkPolicy
+from fleetgate.limits.spec import Limits, Quota, Subject
+
+SubjectLimits = tuple[tuple[Subject, Limits], ...]
+SubjectQuotas = tuple[tuple[Subject, Quota], ...]
 
 ROLES = ("admin", "user")
 
@@ -30,6 +35,13 @@ class Principal:
     role: str
     groups: tuple[str, ...]
     access: ModelAccess
+    # Admission: what is set on the user, each group and the key (the model's own limits are
+    # added per request), the fair-share weight (the highest of the groups'), and the network
+    # allow-lists of the user and the key.
+    limits: SubjectLimits
+    quotas: SubjectQuotas
+    weight: float
+    networks: NetworkPolicy
 
     def __init__(
         self,
@@ -44,6 +56,10 @@ class Principal:
         *,
         models: Iterable[str] | None = None,
         admin: bool = False,
+        limits: SubjectLimits = (),
+        quotas: SubjectQuotas = (),
+        weight: float = 1.0,
+        networks: NetworkPolicy = UNRESTRICTED,
     ) -> None:
         if admin:
             role = "admin"
@@ -54,6 +70,8 @@ class Principal:
         for field, value in (
             ("name", name), ("key_id", key_id), ("key_prefix", key_prefix), ("user", user),
             ("user_id", user_id), ("role", role), ("groups", tuple(groups)), ("access", access),
+            ("limits", tuple(limits)), ("quotas", tuple(quotas)), ("weight", float(weight)),
+            ("networks", networks),
         ):
             object.__setattr__(self, field, value)
 

@@ -162,6 +162,21 @@ def check_workers(settings: config_mod.Settings, workers: int) -> None:
             f"--workers {workers} needs static backends only; these models launch replicas, "
             f"which every worker would do again: {', '.join(launching)}. Use --workers 1."
         )
+    if settings.limits.backend == "memory":
+        limited = [
+            m.name for m in settings.models
+            if any(v is not None for v in m.limits.model_dump().values())
+            or m.admission.max_inflight_per_replica is not None
+        ]
+        if limited:
+            raise click.ClickException(
+                f"--workers {workers} with limits.backend 'memory' would count limits once per "
+                f"worker (models {', '.join(limited)} have limits or an admission queue), so "
+                "each worker "
+                "would let through its own full share. Set limits.backend: redis (with "
+                "limits.redis_url), or use --workers 1."
+            )
+
 
 
 def run_server(

@@ -21,15 +21,25 @@ Promises:
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 from fleetgate.api.asgi import Receive, Scope, Send, read_body
 from fleetgate.auth.authn import Authenticator
 from fleetgate.auth.principals import Principal
 from fleetgate.dataplane import request as reqmod
+from fleetgate.dataplane.admission import Admitter
 from fleetgate.dataplane.request import Endpoint, ParsedRequest
 from fleetgate.dataplane.routes import ModelRoute, RouteTable
-from fleetgate.dataplane.waiting import AfterHead, DisconnectWatch, wait_for_replica
+from fleetgate.dataplane.waiting import (
+    QUEUED,
+    AfterHead,
+    DisconnectWatch,
+    StreamHead,
+    wait_for_replica,
+    wait_with_keepalive,
+)
 from fleetgate.errors import (
     GatewayError,
     InvalidRequest,
@@ -40,26 +50,14 @@ from fleetgate.errors import (
 )
 from fleetgate.fleet.balancer import affinity_key
 from fleetgate.fleet.pool import Lease, Pool
+from fleetgate.limits.backend import Grant
+from fleetgate.limits.backend import create as create_backend
+from fleetgate.limits.fairshare import Slot
 from fleetgate.proxy.client import ClientGone, Upstream
 from fleetgate.proxy.relay import relay_stream, relay_whole
 from fleetgate.proxy.usage_tap import UsageTap
 from fleetgate.store.repo import UsageEvent, utcnow
 from fleetgate.store.usage_writer import UsageWriter
-
-
-class Admission:
-    """What ``admit`` grants a request; ``settle`` is called once with its real usage.
-
-    A no-op for now: the admission issue fills it with rate buckets, quotas and fair share.
-    """
-
-    __slots__ = ()
-
-    def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
-        return None
-
-
-_ADMITTED = Admission()
 
 
 class Pipeline:
@@ -72,7 +70,9 @@ class Pipeline:
         upstream: Upstream,
         usage: UsageWriter,
         max_body_bytes: int,
+        admitter: Admitter | None = None,
     ) -> None:
+        self.admitter = admitter if admitter is not None else Admitter(create_backend("memory"))
         self.authn = authn
         self.routes = routes
         self.pool = pool
@@ -100,39 +100,52 @@ class Pipeline:
             )
         return route
 
-    def admit(self, principal: Principal, route: ModelRoute, req: ParsedRequest) -> Admission:
-        return _ADMITTED
+    async def admit(self, principal: Principal, route: ModelRoute, req: ParsedRequest) -> Grant:
+        """Caps (400), then every rate limit, concurrency cap and quota that applies (429),
+        in one backend call; nothing to check costs a dict lookup."""
+        granted = self.admitter.admit(principal, route, req)
+        return granted if isinstance(granted, Grant) else await granted
+
+    async def queue(
+        self, principal: Principal, route: ModelRoute, head: StreamHead | None, gone: ClientGone
+    ) -> Slot | None:
+        """Fair share: a slot on a model with ``max_inflight_per_replica``, waiting in the
+        caller's queue when they are all taken. None when the model has no gate (or the client
+        left while queued)."""
+        gate = self.admitter.gate(route)
+        if gate is None:
+            return None
+        self.admitter.resize(gate, route, self.pool.ready_count(route.name))
+        slot = gate.try_acquire()
+        if slot is not None:
+            return slot
+        waiting = asyncio.ensure_future(gate.acquire(principal.user, principal.weight))
+        return await wait_with_keepalive(
+            waiting, head, gone, self.pool.keepalive_s(route.name), what=QUEUED
+        )
 
     async def acquire(
         self,
         principal: Principal,
         route: ModelRoute,
         affinity: bytes | None,
-        *,
-        send: Send,
+        head: StreamHead | None,
         gone: ClientGone,
-        stream: bool,
-    ) -> tuple[Lease | None, bool]:
+    ) -> Lease | None:
         """A lease on a ready replica, waiting through a cold start if the model says so.
-
-        Returns the lease (None when the client left while waiting) and whether the SSE head
-        already went out during the wait.
-        """
+        None when the client left while waiting."""
         try:
-            return self.pool.acquire(route.name, affinity_key=affinity), False
+            return self.pool.acquire(route.name, affinity_key=affinity)
         except Unavailable as e:
             if self.pool.cold_start_mode(route.name) != "wait":
                 raise _for(principal, e) from None
         try:
-            await wait_for_replica(self.pool, route.name, send, gone, keepalive=stream)
+            await wait_for_replica(self.pool, route.name, head, gone)
+            if gone.gone:
+                return None
+            return self.pool.acquire(route.name, affinity_key=affinity)
         except Unavailable as e:
-            raise _Waited(_for(principal, e), stream) from None
-        if gone.gone:
-            return None, stream
-        try:
-            return self.pool.acquire(route.name, affinity_key=affinity), stream
-        except Unavailable as e:
-            raise _Waited(_for(principal, e), stream) from None
+            raise _for(principal, e) from None
 
     def account(
         self,
@@ -167,9 +180,13 @@ class Pipeline:
         raw = await read_body(scope, receive, self.max_body_bytes)
         req = self.parse(raw, endpoint)
         route = self.authorize(principal, req)
-        admission = self.admit(principal, route, req)
         affinity = _affinity(req) if route.affinity else None
-        up = reqmod.upstream_body(raw, req, route.upstream_name)
+        priority = _priority(principal) if route.settings.admission.pass_priority else None
+        up = reqmod.upstream_body(raw, req, route.upstream_name, priority)
+        grant = await self.admit(principal, route, req)
+        # From here on the grant is settled however the request ends.
+        if grant.headers:
+            send = _WithHeaders(send, grant.headers)
         gone = ClientGone()
         watch = DisconnectWatch(receive, gone)
         tap = UsageTap(
@@ -177,13 +194,15 @@ class Pipeline:
             strip_chunk_usage=up.strip_chunk_usage,
             rewrite=route.rewrite,
         )
+        head = StreamHead(send) if req.stream else None
         status = 0
+        slot: Slot | None = None
         lease: Lease | None = None
-        sse_started = False
         try:
-            lease, sse_started = await self.acquire(
-                principal, route, affinity, send=send, gone=gone, stream=req.stream
-            )
+            slot = await self.queue(principal, route, head, gone)
+            if gone.gone:
+                return
+            lease = await self.acquire(principal, route, affinity, head, gone)
             if lease is None:
                 return
             url = lease.url + endpoint.path
@@ -201,34 +220,45 @@ class Pipeline:
                 url = lease.url + endpoint.path
                 resp = await self.upstream.open(url, up.body, route.headers, gone)
             status = resp.status
+            sent_head = head is not None and head.sent
             if req.stream and resp.status == 200 and resp.content_type == "text/event-stream":
-                await relay_stream(resp, AfterHead(send, False) if sse_started else send, tap, gone)
+                await relay_stream(resp, AfterHead(send, False) if sent_head else send, tap, gone)
             else:
-                await relay_whole(resp, AfterHead(send, True) if sse_started else send, tap)
-        except _Waited as w:
-            status = w.error.status
-            if not w.sse_started:
-                raise w.error from None
-            await _end_stream(send, w.error)
+                await relay_whole(resp, AfterHead(send, True) if sent_head else send, tap)
         except GatewayError as e:
             status = e.status
-            if not sse_started:
+            if head is None or not head.sent:
                 raise
-            await _end_stream(send, e)
+            # The SSE response already started while waiting: end it with the error event.
+            await send({"type": "http.response.body", "body": e.sse_event(), "more_body": False})
         finally:
             watch.stop()
             if lease is not None:
                 lease.release()
-            admission.settle(tap.prompt_tokens, tap.completion_tokens)
+            if slot is not None:
+                slot.release()
+            grant.settle(tap.prompt_tokens, tap.completion_tokens)
             self.account(principal, route, endpoint, status, req.stream, tap, started)
 
 
-class _Waited(Exception):
-    """An error after a cold-start wait, which may have started the SSE response already."""
+class _WithHeaders:
+    """``send`` that adds the rate-limit headers to the response head."""
 
-    def __init__(self, error: GatewayError, sse_started: bool) -> None:
-        self.error = error
-        self.sse_started = sse_started
+    __slots__ = ("send", "extra")
+
+    def __init__(self, send: Send, headers: dict[str, str]) -> None:
+        self.send = send
+        self.extra = [(k.encode(), v.encode()) for k, v in headers.items()]
+
+    async def __call__(self, msg: Any) -> None:
+        if msg["type"] == "http.response.start":
+            msg = {**msg, "headers": [*msg.get("headers", ()), *self.extra]}
+        await self.send(msg)
+
+
+def _priority(p: Principal) -> int:
+    """vLLM's ``priority`` (lower is served first) from the caller's fair-share weight."""
+    return -round(p.weight * 100)
 
 
 def _for(principal: Principal, e: Unavailable) -> Unavailable:

@@ -49,6 +49,7 @@ class ParsedRequest:
     max_tokens: int | None  # max_completion_tokens, else max_tokens, else None
     n: int
     size: int  # body bytes, for admission's prompt estimate
+    generates: bool  # produces completion tokens (not embeddings)
     doc: dict[str, Any]
 
 
@@ -118,6 +119,7 @@ def parse(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
         max_tokens=max_completion if max_completion is not None else max_tokens,
         n=1 if n is None else n,
         size=len(raw),
+        generates=endpoint.streams,
         doc=doc,
     )
 
@@ -129,14 +131,20 @@ class UpstreamBody:
     strip_chunk_usage: bool  # the gateway asked for usage on every chunk; the client didn't
 
 
-def upstream_body(raw: bytes, req: ParsedRequest, upstream_name: str) -> UpstreamBody:
+def upstream_body(
+    raw: bytes, req: ParsedRequest, upstream_name: str, priority: int | None = None
+) -> UpstreamBody:
     """The bytes to send upstream, and what the relay must hide of what the gateway added.
 
     A stream always asks the engine for ``include_usage`` and ``continuous_usage_stats`` as
     literal ``true``: the first so the final count arrives, the second so that a client that
-    leaves mid-stream is still charged for what the engine generated.
+    leaves mid-stream is still charged for what the engine generated. ``priority`` (fair share's
+    ``pass_priority``) replaces whatever the client sent: a client can't raise its own.
     """
     changed = False
+    if priority is not None:
+        req.doc["priority"] = priority
+        changed = True
     if upstream_name != req.model:
         req.doc["model"] = upstream_name
         changed = True

@@ -16,11 +16,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fleetgate.api.asgi import Receive, Send
 from fleetgate.fleet.pool import Pool
 from fleetgate.proxy.client import ClientGone
+
+T = TypeVar("T")
 
 
 class DisconnectWatch:
@@ -83,31 +86,74 @@ WAIT_HEAD = [
 KEEPALIVE = b": waiting for the model to start\n\n"
 
 
-def keepalive_comment(note: str) -> bytes:
-    """One SSE comment line; the launcher's note (a queued job's reason) when there is one."""
-    if not note:
+QUEUED = "waiting for a free slot on the model"
+
+
+def keepalive_comment(note: str, what: str = "") -> bytes:
+    """One SSE comment line: what the request waits for, and the launcher's note (a queued
+    job's reason) when there is one."""
+    if not note and not what:
         return KEEPALIVE
     # A comment is one line: no CR/LF may reach the stream from a launcher's text.
-    clean = " ".join(note.split())[:300].encode("utf-8", "replace")
-    return b": waiting for the model to start (" + clean + b")\n\n"
+    text = what or "waiting for the model to start"
+    if note:
+        text += f" ({' '.join(note.split())[:300]})"
+    return b": " + text.encode("utf-8", "replace") + b"\n\n"
+
+
+class StreamHead:
+    """Whether the gateway already sent a streaming client its SSE head while it waited (for a
+    replica, or in the fair-share queue): sent at most once, by whichever wait comes first."""
+
+    __slots__ = ("send", "sent")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.sent = False
+
+    async def ensure(self) -> None:
+        if not self.sent:
+            self.sent = True
+            await self.send({"type": "http.response.start", "status": 200, "headers": WAIT_HEAD})
+
+    async def comment(self, note: str, what: str = "") -> None:
+        await self.send(
+            {"type": "http.response.body", "body": keepalive_comment(note, what), "more_body": True}
+        )
+
+
+async def wait_with_keepalive(
+    fut: asyncio.Future[T],
+    head: StreamHead | None,
+    gone: ClientGone,
+    interval_s: float,
+    note: Callable[[], str] = lambda: "",
+    what: str = "",
+) -> T | None:
+    """Await ``fut``; a streaming client (``head`` given) gets its SSE head and a comment every
+    ``interval_s``. Returns None (and cancels ``fut``) if the client leaves first."""
+    if head is not None:
+        await head.ensure()
+        if what:  # say at once why the answer is late (the cold-start wait says it at its first beat)
+            await head.comment(note(), what)
+    try:
+        while not gone.gone:
+            done, _ = await asyncio.wait({fut}, timeout=interval_s)
+            if done:
+                return fut.result()
+            if head is not None:
+                await head.comment(note(), what)
+        return None
+    finally:
+        if not fut.done():
+            fut.cancel()
 
 
 async def wait_for_replica(
-    pool: Pool, model: str, send: Send, gone: ClientGone, *, keepalive: bool
+    pool: Pool, model: str, head: StreamHead | None, gone: ClientGone
 ) -> None:
     """Return once ``model`` has a routable replica; raises Unavailable on timeout or failure."""
-    if keepalive:
-        await send({"type": "http.response.start", "status": 200, "headers": WAIT_HEAD})
     wait = asyncio.ensure_future(pool.wait_ready(model, pool.wait_timeout(model)))
-    try:
-        while not gone.gone:
-            done, _ = await asyncio.wait({wait}, timeout=pool.keepalive_s(model))
-            if done:
-                wait.result()
-                return
-            if keepalive:
-                await send({"type": "http.response.body", "body": keepalive_comment(
-                    pool.waiting_note(model)), "more_body": True})
-    finally:
-        if not wait.done():
-            wait.cancel()
+    await wait_with_keepalive(
+        wait, head, gone, pool.keepalive_s(model), lambda: pool.waiting_note(model)
+    )

@@ -165,6 +165,10 @@ class Pool:
             retry_after=retry_after_estimate(policy, g.starting_eta()),
         )
 
+    def ready_count(self, model: str) -> int:
+        """Replicas that can take a request now (fair-share slots follow it)."""
+        return len(self._group(model).routable)
+
     def waiting_note(self, model: str) -> str:
         """One line on why a waiting request still waits ("queued in SLURM: Resources, expected
         to start in about 40s"), for the SSE keep-alive comments; "" when there is none."""

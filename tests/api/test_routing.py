@@ -115,3 +115,46 @@ def test_two_routes_for_one_method_and_path_are_refused() -> None:
 
     with pytest.raises(ValueError):
         Router([Route("GET", "/a", h, "public"), Route("GET", "/a", h, "key")], authenticate)
+
+
+async def test_a_network_allow_list_refuses_other_addresses() -> None:
+    from fleetgate.auth.networks import NetworkPolicy, parse_networks
+
+    fenced = Principal(name="f", networks=NetworkPolicy.of(["10.0.0.0/8"]))
+
+    async def auth(h: bytes | None) -> Principal:
+        return fenced
+
+    seen: list[str] = []
+
+    async def handler(req: Request) -> None:
+        seen.append(req.scope["client"][0])
+
+    r = Router([Route("POST", "/v1/chat/completions", handler, "key")], auth,
+               trusted_proxies=parse_networks(["127.0.0.1"]))
+
+    async def call_from(peer: str, xff: bytes | None = None) -> None:
+        headers = [(b"authorization", b"Bearer x")]
+        if xff is not None:
+            headers.append((b"x-forwarded-for", xff))
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                 "headers": headers, "client": (peer, 5555)}
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request"}
+
+        async def send(msg: object) -> None:
+            return None
+
+        await r(scope, receive, send)
+
+    await call_from("10.1.2.3")
+    with pytest.raises(PermissionDenied) as e:
+        await call_from("192.168.1.1")
+    assert e.value.error_code == "ip_not_allowed"
+    with pytest.raises(PermissionDenied):
+        await call_from("192.168.1.1", b"10.1.2.3")  # an untrusted peer can't claim an address
+    await call_from("127.0.0.1", b"10.1.2.3")  # a trusted proxy can
+    with pytest.raises(PermissionDenied):
+        await call_from("127.0.0.1", b"10.1.2.3, 192.168.1.1")
+    assert seen == ["10.1.2.3", "127.0.0.1"]
