@@ -336,9 +336,12 @@ class SlurmLauncher(LauncherBase):
             if q.at is None or q.at <= t.submitted_mono or q.error:
                 # Not seen yet (submitted after the last answer), or SLURM unreachable: assume
                 # it is still there rather than replace a job that may be running.
-                note = "submitted to SLURM" + (f"; {q.error}" if q.error else "")
+                # squeue's error names hosts and commands: admins only.
+                note = "submitted to SLURM" + ("; its state is unknown for now" if q.error else "")
+                if q.error:
+                    private["slurm_error"] = q.error[:300]
                 return Observed(
-                    running=True, started=False, note=note[:300], private=private,
+                    running=True, started=False, note=note, private=private,
                     public={"slurm_state": "SUBMITTED", "pending_reason": None},
                 )
             return await self._ended(handle, t, "left the queue")
