@@ -187,6 +187,8 @@ def wait_http(url: str, timeout_s: float, proc: Proc | None = None, ok: int = 20
                 if r.status == ok:
                     return
         except urllib.error.HTTPError as e:
+            if e.code == ok:
+                return
             last = f"HTTP {e.code}"
         except OSError as e:
             last = str(e)

@@ -3,6 +3,7 @@
     python -m bench.server_ab                      # 3 rounds x 2 servers, 8 s each, 1 worker
     python -m bench.server_ab --rounds 5 --duration 10 --workers 2
     python -m bench.server_ab --bare               # the servers alone, with a trivial ASGI app
+    python -m bench.server_ab --floor              # plus bench/bare_proxy.py, the floor
 
 Scenario 1's load (``wrk -t1 -c32``, the small chat request with a key, nginx's fixed answer
 upstream) against ``fleetgate serve --server uvicorn`` and ``--server fleetgate`` in turn, each a
@@ -13,7 +14,9 @@ Results go to ``bench/results/server-ab-<time>.json``. Runs from the current Pyt
 installed), needs Debian's wrk and nginx.
 
 ``--bare`` measures the two servers alone: a trivial ASGI app (read the body, answer a fixed
-JSON with ``Content-Length``) instead of the gateway, no upstream.
+JSON with ``Content-Length``) instead of the gateway, no upstream. ``--floor`` adds a third
+contender to every round: ``bench/bare_proxy.py``, the gateway's essential work and nothing
+else (issue 11's calibration), the floor for Python on this machine.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ def serve_bare(server: str, port: int) -> None:
         run(bare_app, ServerOptions(port=port))
 
 
+def start_floor(procs: Procs, up: str, key: str, name: str) -> paths.Running:
+    port = free_port()
+    p = procs.start(name, [sys.executable, "-m", "bench.bare_proxy", "--port", str(port),
+                           "--upstream", up, "--key", key])
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/", 30, p, ok=401)  # it answers nothing without the key
+    return paths.Running("floor", url, key, p)
+
+
 def start_bare(procs: Procs, server: str, name: str) -> paths.Running:
     port = free_port()
     p = procs.start(name, [sys.executable, "-m", "bench.server_ab", "--serve-bare", server,
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--bare", action="store_true", help="the servers alone, a trivial app")
+    ap.add_argument("--floor", action="store_true", help="add bench/bare_proxy.py to each round")
     ap.add_argument("--serve-bare", choices=SERVERS, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -99,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         key = paths.create_key(cfg)
         script = wrk.lua_script(work / "ab.lua", url_path="/v1/chat/completions",
                                 body=upstream.REQUEST, key=key)
+        contenders = SERVERS + (("floor",) if a.floor else ())
         for rnd in range(a.rounds):
-            order = SERVERS if rnd % 2 == 0 else SERVERS[::-1]
+            order = contenders if rnd % 2 == 0 else contenders[::-1]
             for server in order:
-                if a.bare:
+                if server == "floor":
+                    run = start_floor(procs, up, key, f"floor-{rnd}")
+                elif a.bare:
                     run = start_bare(procs, server, f"bare-{server}-{rnd}")
                 else:
                     run = paths.start_fleetgate(procs, cfg, key, name=f"fg-{server}-{rnd}",
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(a.rounds):
         by = {r["server"]: r for r in runs if r["round"] == rnd}
         ratios.append(by["fleetgate"]["rps"] / by["uvicorn"]["rps"])
-    for s in SERVERS:
+    for s in contenders:
         mine = [r for r in runs if r["server"] == s]
         print(f"{s:9s} median {statistics.median(r['rps'] for r in mine):9,.0f} req/s, "
               f"{statistics.median(r['cpu_us_per_req'] for r in mine):.0f} us CPU/req")
