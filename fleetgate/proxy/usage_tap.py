@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import NamedTuple
 
 import orjson
 
@@ -30,25 +31,55 @@ _USAGE = b'"usage"'
 _DONE = b"data: [DONE]"
 # `"usage": {...}` closing the event's top-level object (vLLM writes usage last). The object may
 # hold one level of nesting (`prompt_tokens_details`).
-_USAGE_TAIL = re.compile(
-    rb'\s*,\s*"usage"\s*:\s*(null|\{(?:[^{}"]|"(?:[^"\\]|\\.)*"|\{[^{}]*\})*\})\s*\}\s*\Z'
+_USAGE_TAIL = re.compile(  # possessive: linear, never backtracks
+    rb',\s*+"usage"\s*+:\s*+(null|\{(?:[^{}"]++|"(?:[^"\\]++|\\.)*+"|\{[^{}]*+\})*+\})\s*+\}\s*+\Z'
 )
-_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+_FAST_USAGE = b',"usage":{'  # vLLM's own spelling, checked before the regex
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
-Rewrite = tuple["re.Pattern[bytes]", bytes]
+
+def _count_content(data: bytes) -> int:
+    """Events carrying non-empty text (vLLM sends one token per event). Escaped text (\")
+    can't fake the marks: they need a bare quote. JSON written with ": " is counted too."""
+    n = data.count(b'"content":"') + data.count(b'"text":"')
+    if n:
+        n -= data.count(b'"content":""') + data.count(b'"text":""')
+    if b'": "' in data:
+        n += data.count(b'"content": "') + data.count(b'"text": "')
+        n -= data.count(b'"content": ""') + data.count(b'"text": ""')
+    return n
+
+
+class Rewrite(NamedTuple):
+    """The served-name rewrite: ``"model"`` set to the upstream name, however spaced."""
+
+    pattern: re.Pattern[bytes]
+    public: bytes
+    compact: bytes  # the usual spelling, replaced with a plain (fast) bytes.replace
+    upstream: bytes  # the upstream name as JSON: if it's still there, the regex runs
+
+    def apply(self, data: bytes) -> bytes:
+        data = data.replace(self.compact, self.public)
+        if self.upstream in data:
+            data = self.pattern.sub(self.public, data)
+        return data
 
 
 @functools.lru_cache(maxsize=1024)
 def model_rewrite(upstream: str, public: str) -> Rewrite:
-    """The served-name rewrite: ``"model"`` set to ``upstream``, however spaced, → ``public``."""
-    name = re.escape(orjson.dumps(upstream))
-    return re.compile(rb'"model"\s*:\s*' + name), b'"model":' + orjson.dumps(public)
+    """The rewrite of ``"model": "<upstream>"`` (any spacing) into ``"model":"<public>"``."""
+    name = orjson.dumps(upstream)
+    return Rewrite(
+        re.compile(rb'"model"\s*:\s*' + re.escape(name)),
+        b'"model":' + orjson.dumps(public),
+        b'"model":' + name,
+        name,
+    )
 
 
 def _as_rewrite(r: tuple[bytes, bytes] | Rewrite | None) -> Rewrite | None:
     """Accepts the older literal pair ``(b'"model":"up"', b'"model":"pub"')`` too."""
-    if r is None or isinstance(r[0], re.Pattern):
+    if r is None or isinstance(r, Rewrite):
         return r
     old, new = r
     up = orjson.loads(old.partition(b":")[2])
@@ -124,10 +155,7 @@ class UsageTap:
     # -- bytes in, bytes out ------------------------------------------------------------------
 
     def apply_rewrite(self, data: bytes) -> bytes:
-        if self.rewrite is None:
-            return data
-        pattern, public = self.rewrite
-        return pattern.sub(public, data)
+        return data if self.rewrite is None else self.rewrite.apply(data)
 
     def body(self, data: bytes) -> bytes:
         """A whole (non-streamed) JSON body: note its usage, return what the client gets."""
@@ -144,39 +172,71 @@ class UsageTap:
         """One or more complete SSE events (each ending in a blank line)."""
         if _DONE in chunk:
             self.done = True
-        if _USAGE in chunk or self._usage_raw is None:
-            kept = []
-            changed = False
-            for ev in chunk.split(b"\n\n"):
-                if not ev:
-                    continue
-                out = self._event(ev)
-                if out is not ev:
-                    changed = True
-                if out:
-                    kept.append(out + b"\n\n")
-            if changed:
-                chunk = b"".join(kept)
+        if self._usage_raw is None:
+            self.content_events += _count_content(chunk)
+        if _USAGE not in chunk:
+            return self.apply_rewrite(chunk)
+        if not (self.hide_usage_event or self.strip_chunk_usage):
+            # Nothing to hide: only the batch's last usage matters, found from the end.
+            self._last_usage(chunk)
+            return self.apply_rewrite(chunk)
+        kept: list[bytes] = []
+        changed = False
+        for ev in chunk.split(b"\n\n"):
+            if not ev:
+                continue
+            out = self._event(ev)
+            if out is not ev:
+                changed = True
+            if out:
+                kept.append(out)
+                kept.append(b"\n\n")
+        if changed:
+            chunk = b"".join(kept)
         return self.apply_rewrite(chunk)
 
+    def _last_usage(self, chunk: bytes) -> None:
+        """Note the last usage in ``chunk``: events are tried from the end until one has it."""
+        pos = len(chunk)
+        while pos > 0:
+            i = chunk.rfind(_USAGE, 0, pos)
+            if i < 0:
+                return
+            start = chunk.rfind(b"\n\n", 0, i)
+            start = 0 if start < 0 else start + 2
+            end = chunk.find(b"\n\n", i)
+            before = self._usage_raw
+            self._event(chunk[start : len(chunk) if end < 0 else end])
+            if self._usage_raw is not before:
+                return
+            pos = start
+
+    def _usage_at(self, ev: bytes, start: int) -> bytes | None:
+        """The usage object's bytes when ``ev[start:]`` is ``,"usage":{...}}`` closing the event."""
+        if ev.startswith(_FAST_USAGE, start):  # vLLM's flat object: no regex needed
+            close = ev.find(b"}", start + 10)
+            rest = ev[close + 1 :]
+            if close > 0 and (rest == b"}" or rest.strip() == b"}"):
+                return ev[start + 9 : close + 1]
+        m = _USAGE_TAIL.match(ev, start)
+        return None if m is None else m.group(1)
+
     def _event(self, ev: bytes) -> bytes:
-        """One event without its blank line: counted, and returned as the client gets it
+        """One event without its blank line: its usage noted; returned as the client gets it
         (the very same object when unchanged, ``b""`` to drop it)."""
-        if self._usage_raw is None and _CONTENT.search(ev) is not None:
-            self.content_events += 1
         i = ev.rfind(_USAGE)
-        if i < 0 or not ev.lstrip().startswith(b"data:"):
+        if i < 0 or not (ev.startswith(b"data:") or ev.lstrip().startswith(b"data:")):
             return ev
         start = ev.rfind(b",", 0, i)
-        m = _USAGE_TAIL.match(ev, start) if start >= 0 else None
-        if m is not None:
-            raw = m.group(1)
+        raw = self._usage_at(ev, start) if start >= 0 else None
+        if raw is not None:
             if raw != b"null":
                 self._usage_raw = raw
                 self._parsed = False
             if not (self.hide_usage_event or self.strip_chunk_usage):
                 return ev
-            if _EMPTY_CHOICES.search(ev, 0, start) is not None:
+            j = ev.rfind(b'"choices"', 0, start)  # escaped text can't match: it has \"
+            if j >= 0 and _EMPTY_CHOICES.match(ev, j) is not None:
                 return b"" if self.hide_usage_event else ev
             if self.strip_chunk_usage:
                 return ev[:start] + b"}"

@@ -37,13 +37,14 @@ class Chunks:
         pass
 
 
-def _run(chunks: list[bytes], hide: bool) -> tuple[bytes, int, int, bool]:
+def _run(chunks: list[bytes], hide: bool, strip: bool | None = None) -> tuple[bytes, int, int, bool]:
     out: list[bytes] = []
 
     async def send(msg: dict) -> None:
         out.append(msg.get("body", b""))
 
-    tap = UsageTap(hide_usage_event=hide, rewrite=(b'"model":"up"', b'"model":"pub"'))
+    tap = UsageTap(hide_usage_event=hide, strip_chunk_usage=strip,
+                   rewrite=(b'"model":"up"', b'"model":"pub"'))
     asyncio.run(relay_stream(Chunks(chunks), send, tap, ClientGone()))  # type: ignore[arg-type]
     return b"".join(out), tap.prompt_tokens, tap.completion_tokens, tap.done
 
@@ -87,15 +88,15 @@ def events(draw: st.DrawFn) -> bytes:
 
 @FUZZ
 @given(st.lists(events(), max_size=25), st.lists(st.integers(0, 10_000), max_size=30),
-       st.booleans(), st.booleans())
-def test_any_chunking_relays_the_same_bytes_and_usage(evs, cuts, hide, done):
+       st.booleans(), st.booleans(), st.sampled_from([None, True, False]))
+def test_any_chunking_relays_the_same_bytes_and_usage(evs, cuts, hide, done, strip):
     stream = b"".join(evs) + (b"data: [DONE]\n\n" if done else b"")
-    whole = _run([stream] if stream else [], hide)
-    pieces = _run(_split(stream, cuts), hide)
+    whole = _run([stream] if stream else [], hide, strip)
+    pieces = _run(_split(stream, cuts), hide, strip)
     assert pieces == whole
     body = whole[0]
     assert b'"up"' not in body  # the internal name never reaches the client
-    if hide:  # the client asked for no usage: no event it gets carries any
+    if hide and strip is not False:  # the client asked for no usage: no event carries any
         for ev in body.split(b"\n\n"):
             if ev.startswith(b"data: {"):
                 assert "usage" not in orjson.loads(ev[6:])
