@@ -99,6 +99,29 @@ def _template_slots(text: str) -> set[str]:
         raise ValueError(f"bad template {text!r}: {e}") from None
 
 
+def check_command(
+    command: tuple[str, ...] | str,
+    env: dict[str, str],
+    model_path: str | None,
+    slots: frozenset[str],
+) -> None:
+    """A command template (and its ``env`` values): not empty, only known slots, ``{port}``
+    present, ``{model_path}`` only with a model path. Raises ValueError."""
+    parts = [command] if isinstance(command, str) else list(command)
+    if not parts or not any(p.strip() for p in parts):
+        raise ValueError("command must not be empty")
+    used: set[str] = set()
+    for p in [*parts, *env.values()]:
+        used |= _template_slots(p)
+    unknown = used - slots
+    if unknown:
+        raise ValueError(f"unknown template slot(s) {sorted(unknown)}; known: {sorted(slots)}")
+    if "port" not in used:
+        raise ValueError("command must contain the {port} slot")
+    if "model_path" in used and model_path is None:
+        raise ValueError("command uses {model_path} but model_path is not set")
+
+
 class LocalBackend(BackendSpec):
     """Engine processes started on this host from a command template.
 
@@ -135,21 +158,7 @@ class LocalBackend(BackendSpec):
 
     @model_validator(mode="after")
     def _check(self) -> LocalBackend:
-        parts = [self.command] if isinstance(self.command, str) else list(self.command)
-        if not parts or not any(p.strip() for p in parts):
-            raise ValueError("command must not be empty")
-        used: set[str] = set()
-        for p in [*parts, *self.env.values()]:
-            used |= _template_slots(p)
-        unknown = used - LOCAL_SLOTS
-        if unknown:
-            raise ValueError(
-                f"unknown template slot(s) {sorted(unknown)}; known: {sorted(LOCAL_SLOTS)}"
-            )
-        if "port" not in used:
-            raise ValueError("command must contain the {port} slot")
-        if "model_path" in used and self.model_path is None:
-            raise ValueError("command uses {model_path} but model_path is not set")
+        check_command(self.command, self.env, self.model_path, LOCAL_SLOTS)
         if self.gpus_per_replica > len(self.gpus):
             raise ValueError(
                 f"gpus_per_replica is {self.gpus_per_replica} but only {len(self.gpus)} gpus are listed"
@@ -203,6 +212,12 @@ _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 _SAFE_PATH = re.compile(r"^[^\s'\"\\`$;&|<>%]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CALLBACK_URL = re.compile(r"^https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~/-]*)?$")
+
+
+def _matching(v: str | None, rx: re.Pattern[str], problem: str) -> str | None:
+    if v is not None and not rx.match(v):
+        raise ValueError(f"{v!r} {problem}")
+    return v
 
 
 def _no_control(v: str, what: str) -> str:
@@ -285,23 +300,17 @@ class SlurmBackend(BackendSpec):
     @field_validator("partition", "qos", "account", "gres")
     @classmethod
     def _slurm_word(cls, v: str | None) -> str | None:
-        if v is not None and not _SLURM_WORD.match(v):
-            raise ValueError(f"{v!r} has characters SLURM doesn't use there")
-        return v
+        return _matching(v, _SLURM_WORD, "has characters SLURM doesn't use there")
 
     @field_validator("mem")
     @classmethod
     def _mem(cls, v: str | None) -> str | None:
-        if v is not None and not _SLURM_MEM.match(v):
-            raise ValueError(f"{v!r} is not a SLURM size such as 64G or 16000M")
-        return v
+        return _matching(v, _SLURM_MEM, "is not a SLURM size such as 64G or 16000M")
 
     @field_validator("time_limit")
     @classmethod
     def _time(cls, v: str | None) -> str | None:
-        if v is not None and not _SLURM_TIME.match(v):
-            raise ValueError(f"{v!r} is not a SLURM time such as 04:00:00 or 1-00:00")
-        return v
+        return _matching(v, _SLURM_TIME, "is not a SLURM time such as 04:00:00 or 1-00:00")
 
     @field_validator("sbatch_extra")
     @classmethod
@@ -332,16 +341,12 @@ class SlurmBackend(BackendSpec):
     @field_validator("bind_host")
     @classmethod
     def _bind(cls, v: str | None) -> str | None:
-        if v is not None and not _HOST.match(v):
-            raise ValueError(f"{v!r} is not a host name or address")
-        return v
+        return _matching(v, _HOST, "is not a host name or address")
 
     @field_validator("log_dir", "shared_dir", "model_path")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
-        if v is not None and not _SAFE_PATH.match(v):
-            raise ValueError(f"{v!r}: a path without spaces, quotes, % or shell characters")
-        return v
+        return _matching(v, _SAFE_PATH, "must be a path without spaces, quotes, % or shell characters")
 
     @field_validator("callback_url")
     @classmethod
@@ -353,21 +358,9 @@ class SlurmBackend(BackendSpec):
     @model_validator(mode="after")
     def _check(self) -> SlurmBackend:
         parts = [self.command] if isinstance(self.command, str) else list(self.command)
-        if not parts or not any(p.strip() for p in parts):
-            raise ValueError("command must not be empty")
-        used: set[str] = set()
         for p in [*parts, *self.env.values()]:
             _no_control(p, "command and env values")
-            used |= _template_slots(p)
-        unknown = used - SLURM_SLOTS
-        if unknown:
-            raise ValueError(
-                f"unknown template slot(s) {sorted(unknown)}; known: {sorted(SLURM_SLOTS)}"
-            )
-        if "port" not in used:
-            raise ValueError("command must contain the {port} slot")
-        if "model_path" in used and self.model_path is None:
-            raise ValueError("command uses {model_path} but model_path is not set")
+        check_command(self.command, self.env, self.model_path, SLURM_SLOTS)
         if self.discovery == "callback":
             if not self.callback_url:
                 raise ValueError(
