@@ -12,7 +12,8 @@ Promises:
 - :meth:`ClientGone.fire` (the client went away) closes the upstream connection, so the engine
   stops generating, also while the gateway still waits for the response to start;
 - a failure before the response starts raises a :class:`GatewayError` (502/504); so does a
-  status line the gateway can't relay (outside 200-599) and a ``101`` upgrade;
+  status line the gateway can't relay (outside 200-599), a ``101`` upgrade, and a response
+  head (1xx answers included) longer than ``_MAX_HEAD``;
 - interim ``1xx`` responses (``100 Continue``, ``103 Early Hints``) are skipped: the caller only
   ever sees the final response;
 - a connection goes back to the pool only after its final response was read to the end and
@@ -47,6 +48,7 @@ _WANTED = {n.encode(): n for n in _PASS_HEADERS}
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 _MAX_ORIGINS = 4096
+_MAX_HEAD = 256 * 1024  # response head bytes (with any 1xx before it) the gateway reads at most
 Key = tuple[str, str, int]  # (scheme, host, port): one pool and one limit per origin
 
 
@@ -83,7 +85,7 @@ class UpstreamResponse:
     __slots__ = (
         *("status", "headers", "last_read", "got_bytes", "_conn", "_pool", "_chunks", "_size"),
         *("_waiter", "_started", "_complete", "_keep_alive", "_error", "_released", "_paused"),
-        *("_timer", "_timeout"),
+        *("_timer", "_timeout", "_head_bytes"),
     )
 
     def __init__(self, conn: _Conn, pool: _Pool, timeout_s: float) -> None:
@@ -104,6 +106,7 @@ class UpstreamResponse:
         loop = pool.loop
         self.last_read = loop.time()
         self.got_bytes = False
+        self._head_bytes = 0
         # One lazy timer per response: re-armed from the last read only when it fires.
         self._timer: asyncio.TimerHandle | None = loop.call_at(
             self.last_read + timeout_s, self._check_timeout
@@ -280,8 +283,15 @@ class _Conn(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject("the upstream switched protocols")
+            return
         except httptools.HttpParserError:
             self._reject("the upstream sent a malformed response")
+            return
+        if not r._started:
+            # Endless headers, or endless 1xx answers, must not hold memory or the slot.
+            r._head_bytes += len(data)
+            if r._head_bytes > _MAX_HEAD:
+                self._reject(f"the upstream's response head went past {_MAX_HEAD} bytes")
 
     # httptools callbacks
     def on_message_begin(self) -> None:

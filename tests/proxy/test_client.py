@@ -83,6 +83,17 @@ class Server:
                             % (len(req_body), req_body))
                     await w.drain()
                     continue
+                if path == "/huge-head":
+                    w.write(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * (1024 * 1024))
+                    await w.drain()
+                    await asyncio.wait_for(r.read(), 30)
+                    return
+                if path == "/endless-103":
+                    for _ in range(20000):
+                        w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+                        await w.drain()
+                    await asyncio.wait_for(r.read(), 30)
+                    return
                 if path == "/hold":
                     await asyncio.wait_for(r.read(), 30)  # hold the slot until closed
                     return
@@ -294,3 +305,13 @@ async def test_connection_limit_is_per_origin_and_the_wait_is_bounded():
         await u.stop()
         sa.close()
         sb.close()
+
+
+@pytest.mark.parametrize("path", ["/huge-head", "/endless-103"])
+async def test_a_response_head_that_never_ends_is_cut_off(server, path):
+    _, url = server
+    u = await client()
+    with pytest.raises(UpstreamUnreachable, match="head went past") as e:
+        await asyncio.wait_for(post(u, url + path), 10)
+    assert e.value.error_code == "upstream_bad_response"
+    await u.stop()
