@@ -50,6 +50,9 @@ def _object(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
     return body
 
 
+_MAX_DURATION = dt.timedelta(days=100 * 365)  # text or seconds, the same bound
+
+
 def _duration(value: Any, param: str) -> dt.timedelta | None:
     """``"30d"``-style text, or a number of seconds; null for none."""
     if value is None:
@@ -57,14 +60,19 @@ def _duration(value: Any, param: str) -> dt.timedelta | None:
     if isinstance(value, bool):
         raise InvalidRequest(f"{param} must be a duration such as '30d' or seconds.", param=param)
     if isinstance(value, int | float):
-        if not 0 <= value <= 100 * 365 * 86400:
+        if not 0 <= value <= _MAX_DURATION.total_seconds():
             raise InvalidRequest(f"{param} is out of range.", param=param)
         return dt.timedelta(seconds=value)
     if isinstance(value, str):
         try:
-            return keyfmt.parse_duration(value)
+            d = keyfmt.parse_duration(value)
         except ValueError as e:
             raise InvalidRequest(f"{param}: {e}", param=param) from None
+        except OverflowError:  # "999999999w": more days than a timedelta holds
+            raise InvalidRequest(f"{param} is out of range.", param=param) from None
+        if d > _MAX_DURATION:
+            raise InvalidRequest(f"{param} is out of range.", param=param)
+        return d
     raise InvalidRequest(f"{param} must be a duration such as '30d' or seconds.", param=param)
 
 
@@ -95,8 +103,10 @@ _KEY_CREATE = frozenset({"name", "user", "models", "expires", "admin"})
 _ROTATE = frozenset({"overlap"})
 
 _PATTERNS = {"type": "array", "items": {"type": "string"}}
-_DURATION = {"anyOf": [{"type": "string", "examples": ["30d"]}, {"type": "number"},
-                       {"type": "null"}]}
+_DURATION = {"anyOf": [
+    {"type": "string", "pattern": r"^\s*\d+\s*[smhdw]\s*$", "examples": ["30d"]},
+    {"type": "number"}, {"type": "null"},
+]}
 _FIELDS: dict[str, dict[str, Any]] = {
     "name": {"type": "string"}, "role": {"enum": ["user", "admin"]},
     "groups": {"type": "array", "items": {"type": "string"}},
