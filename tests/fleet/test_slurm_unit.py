@@ -17,7 +17,8 @@ import pytest
 from fleetgate import config
 from fleetgate.errors import ConfigError
 from fleetgate.fleet.launchers.base import Handle, LaunchError, LaunchSpec
-from fleetgate.fleet.launchers.slurm import SlurmLauncher, parse_duration, parse_squeue
+from fleetgate.fleet.launchers.slurm import SlurmLauncher
+from fleetgate.fleet.launchers.slurm_client import parse_duration, parse_squeue
 from fleetgate.fleet.slurm_script import JobParams, job_name, render
 from fleetgate.fleet.spec import FleetSettings, SlurmBackend
 

@@ -52,6 +52,7 @@ from fleetgate.fleet.launchers.base import (
     config_digest,
 )
 from fleetgate.fleet.launchers.local import read_tail
+from fleetgate.fleet.launchers.slurm_client import FORMAT, Job, failure, parse_squeue, run
 from fleetgate.fleet.slurm_script import (
     JOB_PREFIX,
     JobParams,
@@ -63,8 +64,6 @@ from fleetgate.fleet.spec import FleetSettings, SlurmBackend, SlurmSubmit
 
 log = logging.getLogger("fleetgate.fleet.slurm")
 
-_FORMAT = "%i|%j|%T|%r|%N|%L|%S"
-_CMD_TIMEOUT_S = 30.0
 _MIN_POLL_S = 2.0
 _ADDRESS_POLL_S = 1.0  # while a running job's address is awaited (cheap: no squeue call)
 _QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED"}
@@ -76,47 +75,6 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
 def _sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def parse_duration(text: str) -> float | None:
-    """SLURM's ``[D-]HH:MM:SS`` / ``MM:SS`` (``%L``) as seconds; None for UNLIMITED and such."""
-    m = re.match(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$", text.strip())
-    if not m:
-        return None
-    d, h, mi, s = (int(x) if x else 0 for x in m.groups())
-    return float(((d * 24 + h) * 60 + mi) * 60 + s)
-
-
-def parse_time(text: str) -> float | None:
-    """``%S`` (local time, ``2026-11-24T03:45:36``) as epoch seconds; None for N/A."""
-    try:
-        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class Job:
-    job_id: str
-    name: str
-    state: str
-    reason: str
-    node: str
-    time_left_s: float | None
-    start_at: float | None  # epoch: when it started, or when the queue expects it to
-
-
-def parse_squeue(text: str, prefix: str) -> dict[str, Job]:
-    """Lines of ``squeue -h -o _FORMAT`` whose job name starts with ``prefix``."""
-    jobs = {}
-    for line in text.splitlines():
-        parts = line.split("|")
-        if len(parts) != 7 or not parts[1].startswith(prefix):
-            continue
-        jid, name, state, reason, node, left, start = (p.strip() for p in parts)
-        state = state.split()[0] if state else "UNKNOWN"
-        jobs[jid] = Job(jid, name, state, reason, node, parse_duration(left), parse_time(start))
-    return jobs
 
 
 @dataclass
@@ -147,23 +105,6 @@ class _Tracked:
         return list(self.history)
 
 
-def ssh_argv(s: SlurmSubmit) -> list[str]:
-    """The system ``ssh``: keys only (``BatchMode``), host key checked against ``known_hosts``."""
-    argv = [
-        "ssh",
-        "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={s.known_hosts}",
-        "-o", "ConnectTimeout=10",
-        "-p", str(s.port),
-    ]
-    if s.key_file:
-        argv += ["-i", s.key_file, "-o", "IdentitiesOnly=yes"]
-    if s.user:
-        argv += ["-l", s.user]
-    return [*argv, "--", str(s.host)]
-
-
 class SlurmLauncher(LauncherBase):
     manages_processes = True
 
@@ -178,50 +119,6 @@ class SlurmLauncher(LauncherBase):
         self._queues: dict[SlurmSubmit, _Queue] = {}
 
     # --- commands --------------------------------------------------------------------------
-
-    async def _run(
-        self,
-        submit: SlurmSubmit,
-        argv: list[str],
-        stdin: str | None = None,
-        remote: str | None = None,
-    ) -> tuple[int, str, str]:
-        """Run a SLURM client command here or over SSH (``remote``: the remote shell's
-        command line, when it is more than ``argv``): (exit code, stdout, stderr)."""
-        if submit.via == "ssh":
-            full = [*ssh_argv(submit), remote or shlex.join(argv)]
-        else:
-            full = argv
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *full,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise LaunchError("exec", f"cannot run {full[0]!r}: {e.strerror or e}") from None
-        try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin is not None else None), _CMD_TIMEOUT_S
-            )
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            where = f"on {submit.host} over SSH" if submit.via == "ssh" else "here"
-            raise LaunchError(
-                "timeout", f"{argv[0]} {where} did not answer within {_CMD_TIMEOUT_S:g}s"
-            ) from None
-        rc = proc.returncode if proc.returncode is not None else -1
-        return rc, out.decode(errors="replace"), err.decode(errors="replace")
-
-    def _failure(self, submit: SlurmSubmit, what: str, rc: int, err: str) -> LaunchError:
-        err = " ".join(err.split())[-600:] or f"exit code {rc}"
-        if submit.via == "ssh" and rc == 255:
-            return LaunchError("ssh", f"cannot reach {submit.host} over SSH: {err}")
-        return LaunchError("sbatch" if what == "sbatch" else "slurm", f"{what} failed: {err}")
 
     async def _refresh(self, submit: SlurmSubmit, force: bool = False) -> _Queue:
         """One ``squeue`` for every job of ours on that target, at most once per interval."""
@@ -242,8 +139,8 @@ class SlurmLauncher(LauncherBase):
                 return q  # another poller refreshed it while we waited
             asked = q.asked = time.monotonic()
             try:
-                rc, out, err = await self._run(
-                    submit, ["squeue", "--noheader", "--me", "--states=all", "-o", _FORMAT]
+                rc, out, err = await run(
+                    submit, ["squeue", "--noheader", "--me", "--states=all", "-o", FORMAT]
                 )
             except LaunchError as e:
                 rc, out, err = -1, "", e.message
@@ -252,7 +149,7 @@ class SlurmLauncher(LauncherBase):
             else:
                 # Keep the last answer (jobs are never replaced for want of a view of them);
                 # the next attempt comes no sooner than the interval.
-                q.error = self._failure(submit, "squeue", rc, err).message
+                q.error = failure(submit, "squeue", rc, err).message
                 log.warning("SLURM: %s", q.error)
         return q
 
@@ -289,9 +186,9 @@ class SlurmLauncher(LauncherBase):
                 os.makedirs(log_dir, exist_ok=True)
         # Over SSH, one round trip: make the log directory (SLURM won't), then submit.
         remote = f"mkdir -p -- {shlex.quote(log_dir)} && sbatch --parsable"
-        rc, out, err = await self._run(b.submit, ["sbatch", "--parsable"], script, remote)
+        rc, out, err = await run(b.submit, ["sbatch", "--parsable"], script, remote)
         if rc != 0:
-            raise self._failure(b.submit, "sbatch", rc, err)
+            raise failure(b.submit, "sbatch", rc, err)
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise LaunchError("sbatch", f"sbatch answered something other than a job id: {out[:200]!r}")
@@ -412,7 +309,7 @@ class SlurmLauncher(LauncherBase):
     async def _accounting(self, t: _Tracked) -> str:
         """sacct's final state where accounting exists; nothing where it doesn't."""
         try:
-            rc, out, _ = await self._run(
+            rc, out, _ = await run(
                 t.backend.submit,
                 ["sacct", "--noheader", "--parsable2", "-j", t.job_id, "-o", "State,ExitCode"],
             )
@@ -423,7 +320,7 @@ class SlurmLauncher(LauncherBase):
 
     async def _cancel(self, submit: SlurmSubmit, job_id: str) -> None:
         try:
-            rc, _, err = await self._run(submit, ["scancel", job_id])
+            rc, _, err = await run(submit, ["scancel", job_id])
         except LaunchError as e:
             log.warning("scancel %s: %s", job_id, e.message)
             return
