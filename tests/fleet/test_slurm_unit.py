@@ -203,3 +203,18 @@ def test_one_squeue_call_per_interval_however_many_replicas_poll(
     # Waiting for an address, replicas look every second: from the snapshot, no squeue call.
     assert launcher.poll_every_s(Handle("m-0", "m", "")) == 1.0
     assert launcher.poll_every_s(Handle("m-0", "m", "http://n:1")) == 30
+
+
+def test_an_unreachable_ssh_login_node_is_a_launch_error_not_a_crash(tmp_path: Path) -> None:
+    """The real `ssh` against a loopback port nobody listens on: a clear error to retry."""
+    from fleetgate.localnet import free_port
+
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    submit = {"via": "ssh", "host": "127.0.0.1", "port": free_port(), "user": "nobody",
+              "known_hosts": str(known)}
+    launcher = SlurmLauncher(FleetSettings(state_dir=str(tmp_path / "state"), gateway_id="gw"))
+    spec = LaunchSpec("m", "m-abc", backend(submit=submit), "m")
+    with pytest.raises(LaunchError) as e:
+        asyncio.run(launcher.start(spec))
+    assert e.value.kind == "ssh" and "cannot reach 127.0.0.1 over SSH" in e.value.message
