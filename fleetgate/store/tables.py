@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -41,6 +42,12 @@ users = Table(
     Column("enabled", Boolean, nullable=False, default=True),
     Column("created_at", DateTime, nullable=False),
     Column("updated_at", DateTime, nullable=False),
+    Column("limits", JSON, nullable=True),  # {"rpm", "tpm", ...}; null: none
+    Column("quota_tokens", BigInteger, nullable=True),
+    Column("quota_period", String(8), nullable=True),  # day | month
+    Column("allow_ips", JSON, nullable=True),  # CIDRs; null: anywhere
+    Column("password_hash", String(255), nullable=True),  # argon2; local accounts only
+    Column("ldap_dn", String(1024), nullable=True),
     CheckConstraint("role IN ('admin', 'user')", name="ck_users_role"),
 )
 
@@ -53,6 +60,9 @@ groups = Table(
     Column("weight", Float, nullable=False, default=1.0),
     Column("created_at", DateTime, nullable=False),
     Column("updated_at", DateTime, nullable=False),
+    Column("limits", JSON, nullable=True),  # shared by the group's members together
+    Column("quota_tokens", BigInteger, nullable=True),
+    Column("quota_period", String(8), nullable=True),
 )
 
 user_groups = Table(
@@ -99,6 +109,8 @@ api_keys = Table(
     Column("previous_digest", String(64), nullable=True),
     Column("previous_valid_until", DateTime, nullable=True),
     Column("rotated_at", DateTime, nullable=True),
+    Column("limits", JSON, nullable=True),
+    Column("allow_ips", JSON, nullable=True),  # narrows the user's list; null: no narrowing
 )
 Index("ix_api_keys_updated_at", api_keys.c.updated_at)
 Index("ix_api_keys_user", api_keys.c.user_id)
@@ -117,5 +129,22 @@ usage_events = Table(
     Column("completion_tokens", Integer, nullable=False),
     Column("latency_ms", Integer, nullable=False),
     Column("created_at", DateTime, nullable=False),
+    Column("user_id", Integer, nullable=True),  # no FK: usage outlives a deleted user
+    Column("ttft_ms", Integer, nullable=True),  # time to the first byte relayed to the client
+    Column("disconnected", Boolean, nullable=False, default=False),
 )
 Index("ix_usage_events_key_created", usage_events.c.key_id, usage_events.c.created_at)
+Index("ix_usage_events_user_created", usage_events.c.user_id, usage_events.c.created_at)
+Index("ix_usage_events_created", usage_events.c.created_at)
+
+portal_sessions = Table(
+    "portal_sessions",
+    metadata,
+    Column("digest", String(64), primary_key=True),  # SHA-256 of the session id
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Column("last_seen_at", DateTime, nullable=False),
+)
+Index("ix_portal_sessions_expires", portal_sessions.c.expires_at)
