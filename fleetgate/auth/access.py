@@ -20,6 +20,7 @@ Effective access is an intersection of *layers* (see :func:`effective`):
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -115,11 +116,25 @@ def user_access(
 
     ``group_lists`` holds one list per group the user belongs to.
     """
+    return _shared(_layers(user, role, group_lists, own, None))
+
+
+def _layers(
+    user: str, role: str, group_lists: Sequence[Sequence[str]], own: Sequence[str] | None,
+    key: Sequence[str] | None,
+) -> tuple[tuple[str, ...], ...]:
     if not group_lists and (user == DEFAULT_USER or role == "admin"):
         groups: tuple[str, ...] | None = None
     else:
         groups = tuple(p for lst in group_lists for p in lst)
-    return ModelAccess.of(groups, own)
+    return tuple(tuple(x) for x in (groups, own, key) if x is not None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared(layers: tuple[tuple[str, ...], ...]) -> ModelAccess:
+    # Keys with the same layers (most keys of a deployment) share one compiled object and its
+    # memo: loading 100,000 keys compiles a handful of patterns, not 100,000.
+    return ModelAccess(layers)
 
 
 def effective(
@@ -130,7 +145,7 @@ def effective(
     key: Sequence[str] | None,
 ) -> ModelAccess:
     """What one key may use: its user's access intersected with the key's own list."""
-    return user_access(user, role, group_lists, own).narrowed(key)
+    return _shared(_layers(user, role, group_lists, own, key))
 
 
 def key_pattern_problems(

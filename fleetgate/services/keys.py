@@ -142,10 +142,13 @@ def revoke_key(ctx: Context, key_id: int, *, owner: str | None = None) -> repo.K
 
 def _views(conn: Connection, recs: list[repo.KeyRecord]) -> list[KeyView]:
     people = {u.id: u for u in repo.list_users(conn)}
+    by_name = {u.name: u for u in people.values()}
     now = repo.utcnow()
     out = []
     for r in recs:
-        u = people.get(r.user_id) if r.user_id is not None else None
+        # A key written without an owner belongs to a built-in user, as the gateway reads it.
+        u = people.get(r.user_id) if r.user_id is not None else by_name.get(
+            access.ADMIN_USER if r.admin else access.DEFAULT_USER)
         out.append(KeyView(r, u.name if u else "-", status(r, now, u.enabled if u else True)))
     return out
 

@@ -277,3 +277,41 @@ async def test_revoking_a_rotating_key_stops_both_values(ctx):
     for v in (old, new):
         with pytest.raises(AuthError):
             await a.authenticate(hdr(v))
+
+
+async def test_the_negative_cache_remembers_the_newest_bad_keys(ctx, monkeypatch):
+    from fleetgate.store import repo
+
+    a = authn(ctx, negative_cache_size=2)
+    bad = [keys.generate() for _ in range(3)]
+    for b in bad:
+        with pytest.raises(AuthError) as e:
+            await a.authenticate(hdr(b))
+        assert e.value.error_code == "invalid_api_key"
+    looked_up: list[str] = []
+    real = repo.grant_by_digest
+    monkeypatch.setattr(repo, "grant_by_digest",
+                        lambda eng, d: looked_up.append(d) or real(eng, d))
+    for b in bad[1:]:  # the two newest are remembered: refused without the store
+        with pytest.raises(AuthError):
+            await a.authenticate(hdr(b))
+    assert looked_up == []
+    with pytest.raises(AuthError):  # the oldest was pushed out: the store is asked again
+        await a.authenticate(hdr(bad[0]))
+    assert looked_up == [keys.digest(bad[0])]
+    one = authn(ctx, negative_cache_size=1)
+    with pytest.raises(AuthError):
+        await one.authenticate(hdr(bad[0]))
+    monkeypatch.setattr(repo, "grant_by_digest", lambda *x: pytest.fail("store asked"))
+    with pytest.raises(AuthError):
+        await one.authenticate(hdr(bad[0]))
+
+
+def test_allows_is_memoised():
+    from fleetgate.auth.access import ModelAccess
+
+    acc = ModelAccess([["a*"]])
+    assert acc.allows("ab") and not acc.allows("b")
+    assert acc._memo == {"ab": True, "b": False}
+    acc._compiled = ()  # a memo hit doesn't look at the patterns again
+    assert acc.allows("ab") and not acc.allows("b")
