@@ -15,37 +15,35 @@ injectable for tests.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import Backend, Failure, Grant, Outcome, refusal
-from fleetgate.limits.buckets import refill, settle_level, wait_s
-from fleetgate.limits.headers import RateView
-from fleetgate.limits.spec import Checks, Quota, Subject
+from fleetgate.limits.buckets import settle_level, wait_s
+from fleetgate.limits.headers import RateView, rate_headers
+from fleetgate.limits.spec import Checks, Limits, Period, Quota, Subject
 
 
-class _Bucket:
-    __slots__ = ("capacity", "level", "updated")
+class _Cell:
+    """One subject's counters: its rpm and tpm buckets (level, last update) and its in-flight."""
 
-    def __init__(self, capacity: int, now: float) -> None:
-        self.capacity = capacity
-        self.level = float(capacity)
-        self.updated = now
+    __slots__ = ("r", "r_at", "t", "t_at", "n")
 
-    def at(self, capacity: int, now: float) -> float:
-        """Bring the level to ``now`` (a changed limit takes effect as a new capacity)."""
-        self.capacity = capacity
-        self.level = refill(self.level, self.updated, now, capacity)
-        self.updated = max(self.updated, now)
-        return self.level
-
-
-class _Counter:
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
+        # Full: a level above any capacity reads as the capacity (see _level), so a limit set
+        # later on a subject that had none starts full too.
+        self.r = self.t = math.inf
+        self.r_at = self.t_at = now
         self.n = 0
+
+
+def _level(level: float, at: float, now: float, cap: int) -> float:
+    # Inlined refill (buckets.refill): the hot path avoids the call and min()/max().
+    if now > at:
+        level += (now - at) * cap / 60.0
+    return cap if level > cap else level
 
 
 class _MemoryGrant(Grant):
@@ -55,8 +53,8 @@ class _MemoryGrant(Grant):
         self,
         headers: dict[str, str],
         cost: int,
-        tpm: list[_Bucket],
-        conc: list[_Counter],
+        tpm: list[tuple[_Cell, int]],
+        conc: list[_Cell],
         quota: list[list[int]],
         clock: Callable[[], float],
     ) -> None:
@@ -67,15 +65,17 @@ class _MemoryGrant(Grant):
         self._clock = clock
 
     def _settle(self, actual: int) -> None:
-        if self._tpm:
+        refund = self.cost - actual
+        if refund and self._tpm:
             now = self._clock()
-            for b in self._tpm:
-                b.at(b.capacity, now)
-                b.level = settle_level(b.level, self.cost, actual, b.capacity)
+            for cell, cap in self._tpm:
+                cell.t = settle_level(_level(cell.t, cell.t_at, now, cap), self.cost, actual, cap)
+                cell.t_at = now if now > cell.t_at else cell.t_at
         for c in self._conc:
             c.n -= 1
-        for q in self._quota:
-            q[0] += actual - self.cost
+        if refund:
+            for q in self._quota:
+                q[0] -= refund
 
 
 class MemoryBackend(Backend):
@@ -89,17 +89,20 @@ class MemoryBackend(Backend):
     ) -> None:
         self._clock = clock
         self._wall = wall
-        self._buckets: dict[tuple[Subject, str], _Bucket] = {}
-        self._conc: dict[Subject, _Counter] = {}
+        self._cells: dict[Subject, _Cell] = {}
         # (subject, period key) -> [tokens used]; a one-item list so a grant can hold it.
         self._quota: dict[tuple[Subject, str], list[int]] = {}
         self._periods: set[str] = set()
+        # period -> (its key now, until when that key holds): no date formatting per request.
+        self._period_keys: dict[str, tuple[str, float]] = {}
 
-    def _bucket(self, subject: Subject, kind: str, capacity: int, now: float) -> _Bucket:
-        b = self._buckets.get((subject, kind))
-        if b is None:
-            b = self._buckets[(subject, kind)] = _Bucket(capacity, now)
-        return b
+    def _period_key(self, period: Period, wall: float) -> str:
+        cached = self._period_keys.get(period)
+        if cached is not None and wall < cached[1]:
+            return cached[0]
+        key = quotas.period_key(wall, period)
+        self._period_keys[period] = (key, quotas.period_end(wall, period).timestamp())
+        return key
 
     def _used(self, subject: Subject, period_key: str) -> list[int]:
         cell = self._quota.get((subject, period_key))
@@ -124,7 +127,7 @@ class MemoryBackend(Backend):
             self._used(subject, key)[0] = used
 
     def in_flight(self, subject: Subject) -> int:
-        c = self._conc.get(subject)
+        c = self._cells.get(subject)
         return c.n if c else 0
 
     def quota_used(self, subject: Subject, quota: Quota) -> int:
@@ -133,47 +136,43 @@ class MemoryBackend(Backend):
 
     def admit(self, checks: Checks, cost: int) -> Grant:
         now = self._clock()
-        rpm: list[_Bucket] = []
-        tpm: list[_Bucket] = []
-        conc: list[_Counter] = []
+        cells: list[tuple[_Cell, Limits, float, float]] = []  # cell, limits, rpm/tpm levels now
         # Decide first, against every counter; take only if all of them allow it. A quota
         # refusal wins (no retry helps before the reset), then the longest rate wait, then a
         # concurrency limit.
         rate_fail: tuple[Failure, int, float] | None = None
         conc_fail: int | None = None
         for i, (subject, lim) in enumerate(checks.limits):
+            cell = self._cells.get(subject)
+            if cell is None:
+                cell = self._cells[subject] = _Cell(now)
+            r = t = 0.0
             if lim.rpm is not None:
-                b = self._bucket(subject, "r", lim.rpm, now)
-                if b.at(lim.rpm, now) < 1:
-                    w = wait_s(b.level, 1, lim.rpm)
+                r = _level(cell.r, cell.r_at, now, lim.rpm)
+                if r < 1:
+                    w = wait_s(r, 1, lim.rpm)
                     if rate_fail is None or w > rate_fail[2]:
                         rate_fail = ("rpm", i, w)
-                rpm.append(b)
             if lim.tpm is not None:
-                b = self._bucket(subject, "t", lim.tpm, now)
-                if b.at(lim.tpm, now) < cost:
-                    w = wait_s(b.level, cost, lim.tpm)
+                t = _level(cell.t, cell.t_at, now, lim.tpm)
+                if t < cost:
+                    w = wait_s(t, cost, lim.tpm)
                     if rate_fail is None or w > rate_fail[2]:
                         rate_fail = ("tpm", i, w)
-                tpm.append(b)
-            if lim.max_concurrent is not None:
-                c = self._conc.get(subject)
-                if c is None:
-                    c = self._conc[subject] = _Counter()
-                if c.n >= lim.max_concurrent and conc_fail is None:
-                    conc_fail = i
-                conc.append(c)
-        cells: list[list[int]] = []
+            if lim.max_concurrent is not None and cell.n >= lim.max_concurrent and conc_fail is None:
+                conc_fail = i
+            cells.append((cell, lim, r, t))
+        used_cells: list[list[int]] = []
         failed: Failure = ""
         index, wait, quota_used = 0, 0.0, 0
         if checks.quotas:
             wall = self._wall()
             for i, (subject, quota) in enumerate(checks.quotas):
-                cell = self._used(subject, quotas.period_key(wall, quota.period))
-                if not quotas.fits(quota, cell[0], cost):
-                    failed, index, quota_used = "quota", i, cell[0]
+                qc = self._used(subject, self._period_key(quota.period, wall))
+                if qc[0] + cost > quota.tokens:
+                    failed, index, quota_used = "quota", i, qc[0]
                     break
-                cells.append(cell)
+                used_cells.append(qc)
         if not failed and rate_fail is not None:
             failed, index, wait = rate_fail
         elif not failed and conc_fail is not None:
@@ -181,22 +180,33 @@ class MemoryBackend(Backend):
         if failed:
             out = Outcome(
                 failed, index, wait,
-                [RateView.of(b.capacity, b.level) for b in rpm],
-                [RateView.of(b.capacity, b.level) for b in tpm],
+                [RateView.of(lim.rpm, r) for _, lim, r, _ in cells if lim.rpm is not None],
+                [RateView.of(lim.tpm, t) for _, lim, _, t in cells if lim.tpm is not None],
                 quota_used,
             )
             raise refusal(out, checks, cost, self._wall())
-        for b in rpm:
-            b.level -= 1
-        for b in tpm:
-            b.level -= cost
-        for c in conc:
-            c.n += 1
-        for cell in cells:
-            cell[0] += cost
-        out = Outcome(
-            "", 0, 0.0,
-            [RateView.of(b.capacity, b.level) for b in rpm],
-            [RateView.of(b.capacity, b.level) for b in tpm],
+        # Take, and find the most restrictive of each kind for the headers as we go.
+        best_r: tuple[float, int] | None = None  # (level after, capacity)
+        best_t: tuple[float, int] | None = None
+        tpm: list[tuple[_Cell, int]] = []
+        conc: list[_Cell] = []
+        for cell, lim, r, t in cells:
+            if lim.rpm is not None:
+                cell.r, cell.r_at = r - 1, now
+                if best_r is None or (cell.r // 1, lim.rpm) < (best_r[0] // 1, best_r[1]):
+                    best_r = (cell.r, lim.rpm)
+            if lim.tpm is not None:
+                cell.t, cell.t_at = t - cost, now
+                tpm.append((cell, lim.tpm))
+                if best_t is None or (cell.t // 1, lim.tpm) < (best_t[0] // 1, best_t[1]):
+                    best_t = (cell.t, lim.tpm)
+            if lim.max_concurrent is not None:
+                cell.n += 1
+                conc.append(cell)
+        for qc in used_cells:
+            qc[0] += cost
+        headers = rate_headers(
+            None if best_r is None else RateView.of(best_r[1], best_r[0]),
+            None if best_t is None else RateView.of(best_t[1], best_t[0]),
         )
-        return _MemoryGrant(out.headers(), cost, tpm, conc, cells, self._clock)
+        return _MemoryGrant(headers, cost, tpm, conc, used_cells, self._clock)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from fleetgate.errors import InvalidRequest
 
@@ -61,14 +61,18 @@ class Quota:
             raise ValueError(f"quota period must be 'day' or 'month', not {self.period!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
+class Subject(NamedTuple):
+    """Who a counter belongs to. A tuple, so that building and hashing one per request is cheap;
+    ``kind`` is one of :data:`SUBJECT_KINDS` (:meth:`of` checks it)."""
+
     kind: SubjectKind
     id: str
 
-    def __post_init__(self) -> None:
-        if self.kind not in SUBJECT_KINDS:
-            raise ValueError(f"unknown subject kind {self.kind!r}")
+    @classmethod
+    def of(cls, kind: str, id: str) -> Subject:
+        if kind not in SUBJECT_KINDS:
+            raise ValueError(f"unknown subject kind {kind!r}")
+        return cls(kind, id)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         return f"{self.kind} '{self.id}'"

@@ -70,4 +70,6 @@ def test_bad_limits(bad: dict[str, object]) -> None:
 
 def test_bad_subject_kind() -> None:
     with pytest.raises(ValueError):
-        Subject("team", "x")  # type: ignore[arg-type]
+        Subject.of("team", "x")
+    assert Subject.of("group", "x") == Subject("group", "x")
+    assert str(Subject("key", "7")) == "key '7'"

@@ -97,3 +97,11 @@ def test_settle_releases_slot_even_without_usage(clock: FakeClock) -> None:
     g.settle(0, 0)
     assert b.in_flight(ALICE) == 0
     assert b.quota_used(ALICE, Quota(100, "day")) == 0
+
+
+def test_a_limit_set_later_starts_full(clock: FakeClock) -> None:
+    b = MemoryBackend(clock=clock)
+    b.admit(Checks.of([(ALICE, Limits(max_concurrent=5))]), 1)
+    g = b.admit(Checks.of([(ALICE, Limits(rpm=10, tpm=100))]), 40)
+    assert g.headers["x-ratelimit-remaining-requests"] == "9"
+    assert g.headers["x-ratelimit-remaining-tokens"] == "60"
