@@ -44,7 +44,8 @@ def _ping(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(port: int | None = None) -> Iterator[RedisServer]:
+    """A fresh server; ``port`` to bring one back where a killed one was."""
     if os.environ.get("FLEETGATE_SKIP_REDIS") == "1":
         pytest.skip("FLEETGATE_SKIP_REDIS=1")
     exe = shutil.which("redis-server") or (
@@ -53,7 +54,7 @@ def redis_server() -> Iterator[RedisServer]:
     if exe is None:
         pytest.fail("redis-server not found: apt-get install -y redis-server (scripts/test.sh does)")
     root = tempfile.mkdtemp(prefix="fg-redis-")
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", root, "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"],

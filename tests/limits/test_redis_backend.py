@@ -203,3 +203,30 @@ async def test_unreachable_from_the_start_fails_closed() -> None:
         assert e.value.status == 503
     finally:
         await b.close()
+
+
+async def test_redis_back_after_an_outage_counts_again_and_pending_settles_go_out() -> None:
+    b: RedisBackend | None = None
+    try:
+        with redis_server() as first:
+            port = first.port
+            b = RedisBackend(url=first.url, prefix=prefix(), timeout_s=0.5)
+            await b.start()
+            checks = Checks.of([(ALICE, Limits(rpm=10, max_concurrent=5))])
+            g = await resolve(b.admit(checks, 1))
+            first.kill()
+            g.settle(1, 1)  # can't be sent now: it waits in the queue
+            with pytest.raises(LimitsUnavailable):
+                await resolve(b.admit(checks, 1))
+        with redis_server(port) as second:
+            assert second.port == port
+            for _ in range(100):  # the sender retries with a backoff of at most 2 s
+                if not b._pending:
+                    break
+                await asyncio.sleep(0.1)
+            assert not b._pending
+            g2 = await resolve(b.admit(checks, 1))  # reconnected; a fresh Redis starts full
+            assert g2.headers["x-ratelimit-remaining-requests"] == "9"
+    finally:
+        if b is not None:
+            await b.close()
