@@ -45,15 +45,33 @@ from fleetgate.limits.spec import Checks, Quota, Subject
 
 log = logging.getLogger("fleetgate.limits")
 
+# Shared by both scripts: Redis's clock, a bucket's level now (refilled, capped; absent = full),
+# and writing a level back with a lifetime that ends once the bucket would be full again.
+_LUA_BUCKETS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function level(key, cap)
+  local h = redis.call('HMGET', key, 'l', 't')
+  if not h[1] then return cap end
+  local lvl = tonumber(h[1])
+  local ts = tonumber(h[2])
+  if now > ts then lvl = lvl + (now - ts) * cap / 60 end
+  if lvl > cap then lvl = cap end
+  return lvl
+end
+local function store(key, lvl, cap)
+  redis.call('HSET', key, 'l', string.format('%.6f', lvl), 't', string.format('%.6f', now))
+  redis.call('PEXPIRE', key, math.ceil((cap - lvl) * 60000 / cap) + 1000)
+end
+"""
+
 # KEYS: buckets (nb), quotas (nq), concurrency hashes (nc).
 # ARGV: cost, process id, liveness-key prefix, nb, [capacity, need]*nb, nq, [limit, expireat]*nq,
 #       nc, [max]*nc.
 # Returns {ok, failure, index, wait_s, quota_used, level_1 .. level_nb}: levels after the take
 # when ok, as they are when refused. Numbers that may be fractional travel as strings (a Lua
 # number in a reply is truncated to an integer).
-ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+ADMIT = _LUA_BUCKETS + """
 local cost = tonumber(ARGV[1])
 local proc = ARGV[2]
 local alive = ARGV[3]
@@ -64,14 +82,7 @@ local rfail, ridx, rwait = 0, 0, 0
 for i = 1, nb do
   local cap, need = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local h = redis.call('HMGET', KEYS[k], 'l', 't')
-  local lvl = cap
-  if h[1] then
-    lvl = tonumber(h[1])
-    local ts = tonumber(h[2])
-    if now > ts then lvl = lvl + (now - ts) * cap / 60 end
-    if lvl > cap then lvl = cap end
-  end
+  local lvl = level(KEYS[k], cap)
   levels[i], caps[i], needs[i] = lvl, cap, need
   if lvl < need then
     local w = (need - lvl) * 60 / cap
@@ -118,11 +129,9 @@ end
 if qfail == 1 then return reply(0, 'quota', qidx, 0, qused) end
 if rfail == 1 then return reply(0, 'rate', ridx, rwait, 0) end
 if cfail == 1 then return reply(0, 'concurrency', cidx, 1, 0) end
-local snow = string.format('%.6f', now)
 for i = 1, nb do
   levels[i] = levels[i] - needs[i]
-  redis.call('HSET', KEYS[i], 'l', string.format('%.6f', levels[i]), 't', snow)
-  redis.call('PEXPIRE', KEYS[i], math.ceil((caps[i] - levels[i]) * 60000 / caps[i]) + 1000)
+  store(KEYS[i], levels[i], caps[i])
 end
 a = 5 + 2 * nb + 1
 for i = 0, nq - 1 do
@@ -141,8 +150,7 @@ return reply(1, '', 0, 0, 0)
 # it applied, some not) applies each settle once.
 SETTLE = """
 if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', 600000) == false then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+""" + _LUA_BUCKETS + """
 local refund = tonumber(ARGV[1])
 local proc = ARGV[2]
 local nb = tonumber(ARGV[3])
@@ -150,18 +158,9 @@ local k = 1
 for i = 1, nb do
   local cap = tonumber(ARGV[3 + i])
   if refund ~= 0 then
-    local h = redis.call('HMGET', KEYS[k], 'l', 't')
-    local lvl = cap
-    if h[1] then
-      lvl = tonumber(h[1])
-      local ts = tonumber(h[2])
-      if now > ts then lvl = lvl + (now - ts) * cap / 60 end
-      if lvl > cap then lvl = cap end
-    end
-    lvl = lvl + refund
+    local lvl = level(KEYS[k], cap) + refund
     if lvl > cap then lvl = cap end
-    redis.call('HSET', KEYS[k], 'l', string.format('%.6f', lvl), 't', string.format('%.6f', now))
-    redis.call('PEXPIRE', KEYS[k], math.ceil((cap - lvl) * 60000 / cap) + 1000)
+    store(KEYS[k], lvl, cap)
   end
   k = k + 1
 end
