@@ -76,9 +76,14 @@ def _duration(value: Any, param: str) -> dt.timedelta | None:
     raise InvalidRequest(f"{param} must be a duration such as '30d' or seconds.", param=param)
 
 
+def _whole(raw: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses."""
+    return raw.isascii() and raw.isdigit()
+
+
 def _id(req: Request) -> int:
     raw = req.params["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not _whole(raw) or len(raw) > 18:
         raise InvalidRequest("A key id is a whole number.", param="id")
     return int(raw)
 
@@ -328,7 +333,7 @@ class AdminRoutes:
         ctx = await self._may(req, "audit.read")
         q = req.query()
         limit_s = q.get("limit", ["100"])[0]
-        if not limit_s.isdigit():
+        if not _whole(limit_s):
             raise InvalidRequest("limit must be a whole number.", param="limit")
         since_s = q.get("since", [None])[0]
         since = None
@@ -337,6 +342,8 @@ class AdminRoutes:
                 since = utcnow() - keyfmt.parse_duration(since_s)
             except ValueError as e:
                 raise InvalidRequest(f"since: {e}", param="since") from None
+            except OverflowError:  # before year 1, or more days than a timedelta holds
+                raise InvalidRequest("since is out of range.", param="since") from None
         entries = await self._run(audit.list_entries, ctx, limit=int(limit_s[:6]), since=since,
                                   actor=q.get("actor", [None])[0])
         await send_json(req.send, 200, {"data": [audit.as_json(e) for e in entries]})

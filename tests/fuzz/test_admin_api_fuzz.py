@@ -231,3 +231,24 @@ def test_a_huge_text_duration_is_a_400(fuzz_gw: ThreadedGateway, where: str, val
     assert resp.status_code == 400, resp.text
     assert_openai_error(resp)
     assert resp.json()["error"]["param"] == param
+
+
+# Found by this fuzzer: GET /admin/v1/keys/%C2%B2 was a 500, because "²".isdigit() is true and
+# int("²") raises. The audit log's ?limit had the same check, and its ?since the overflow above.
+@pytest.mark.parametrize(("method", "path", "param"), [
+    ("GET", "/admin/v1/keys/²", "id"),
+    ("DELETE", "/admin/v1/keys/³", "id"),
+    ("POST", "/admin/v1/keys/²/rotate", "id"),
+    ("DELETE", "/admin/v1/me/keys/²", "id"),
+    ("POST", "/admin/v1/me/keys/١/rotate", "id"),  # an Arabic-Indic one: int() takes it
+    ("GET", "/admin/v1/audit?limit=²", "limit"),
+    ("GET", "/admin/v1/audit?since=999999999w", "since"),
+    ("GET", "/admin/v1/audit?since=5000000d", "since"),  # before year 1
+])
+def test_non_ascii_digits_and_huge_durations_in_the_url_are_400(
+    fuzz_gw: ThreadedGateway, method: str, path: str, param: str
+) -> None:
+    resp = fuzz_gw.request(method, path, headers=bearer(fuzz_gw.key("admin")))
+    assert resp.status_code == 400, resp.text
+    assert_openai_error(resp)
+    assert resp.json()["error"]["param"] == param
