@@ -218,3 +218,18 @@ def test_an_unreachable_ssh_login_node_is_a_launch_error_not_a_crash(tmp_path: P
     with pytest.raises(LaunchError) as e:
         asyncio.run(launcher.start(spec))
     assert e.value.kind == "ssh" and "cannot reach 127.0.0.1 over SSH" in e.value.message
+
+
+def test_the_cli_shows_a_queued_job_with_its_reason() -> None:
+    from fleetgate.cli.fleet import table
+
+    doc = {"models": [{"model": "m", "status": "starting", "replicas": [
+        {"id": "m-1", "state": "starting", "slurm_state": "PENDING",
+         "pending_reason": "QOSMaxJobsPerUserLimit", "note": "queued in SLURM: QOSMaxJobsPerUserLimit",
+         "inflight": 0, "idle_s": 1, "age_s": 5, "reason": "submitted as SLURM job 7"},
+        {"id": "m-2", "state": "ready", "slurm_state": "RUNNING", "inflight": 2, "idle_s": 0,
+         "age_s": 50, "reason": "health check passed"},
+    ]}]}
+    rows = table(doc).splitlines()
+    assert "queued (QOSMaxJobsPerUserLimit)" in rows[1] and "queued in SLURM" in rows[1]
+    assert " ready " in rows[2] and "health check passed" in rows[2]
