@@ -229,8 +229,10 @@ class RedisBackend(Backend):
         process_ttl_s: float = 15.0,
         max_pending_settles: int = 100_000,
         log_every_s: float = 10.0,
+        max_connections: int = 64,
     ) -> None:
         self.url = url
+        self.max_connections = max_connections
         self.fail_open = fail_open
         self.timeout_s = timeout_s
         self.prefix = prefix
@@ -257,12 +259,16 @@ class RedisBackend(Backend):
 
     def _connect(self) -> aioredis.Redis:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
+            # Bounded: when Redis is slow, requests wait up to timeout_s for a connection and
+            # then fail closed (or open), instead of opening one connection each.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=self.max_connections,
+                timeout=self.timeout_s,
                 socket_timeout=self.timeout_s,
                 socket_connect_timeout=self.timeout_s,
-                retry_on_timeout=False,
             )
+            self._client = aioredis.Redis(connection_pool=pool)
             self._admit = self._client.register_script(ADMIT)
             self._settle = self._client.register_script(SETTLE)
         return self._client

@@ -141,6 +141,7 @@ class Checks:
         subjects.extend(Subject("group", g) for g in groups)
         if key is not None:
             subjects.append(Subject("key", key))
+        subjects = list(dict.fromkeys(subjects))  # a group named twice is still one counter
         found = [(s, limits[s]) for s in subjects if s in limits]
         q: list[tuple[Subject, Quota]] = []
         if quotas:

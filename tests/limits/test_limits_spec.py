@@ -33,6 +33,11 @@ def test_build_collects_every_subject_that_applies() -> None:
     assert c.counts and not c.empty
 
 
+def test_a_group_named_twice_is_one_counter() -> None:
+    c = Checks.build(model="x", user=None, groups=("team", "team"), limits=LIMITS)
+    assert [s for s, _ in c.limits] == [G_TEAM]
+
+
 def test_build_with_nothing_set() -> None:
     c = Checks.build(model="other", user="carol", groups=(), key="9", limits=LIMITS)
     assert c.empty and not c.counts
