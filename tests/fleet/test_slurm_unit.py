@@ -233,3 +233,20 @@ def test_the_cli_shows_a_queued_job_with_its_reason() -> None:
     rows = table(doc).splitlines()
     assert "queued (QOSMaxJobsPerUserLimit)" in rows[1] and "queued in SLURM" in rows[1]
     assert " ready " in rows[2] and "health check passed" in rows[2]
+
+
+def test_a_job_requeued_after_running_is_replaced_not_waited_for(
+    tmp_path: Path, fake_sbatch: Path
+) -> None:
+    """Preempted and requeued, a job loses its engine and its spent token can't report a new
+    address: the launcher says it ended, so the supervisor replaces it."""
+    out = tmp_path / "squeue-out"
+    out.write_text("4242|fleetgate.gw.m.abc|RUNNING|None|node1|1:00:00|N/A\n")
+    launcher = SlurmLauncher(FleetSettings(state_dir=str(tmp_path / "state"), gateway_id="gw"))
+    h = asyncio.run(launcher.start(LaunchSpec("m", "m-abc", backend(log_dir=str(tmp_path)), "m")))
+    first = asyncio.run(launcher.poll(h))
+    assert first.running and first.started and first.ends_in_s is not None
+    out.write_text("4242|fleetgate.gw.m.abc|PENDING|BeginTime||1:00:00|N/A\n")
+    launcher._queues.clear()  # the next poll asks squeue again (not waiting out the interval)
+    second = asyncio.run(launcher.poll(h))
+    assert not second.running and second.kind == "requeued"

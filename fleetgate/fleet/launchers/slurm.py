@@ -96,6 +96,7 @@ class _Tracked:
     submitted_wall: float
     report_file: str = ""  # discovery: file
     pending_warned: bool = False
+    ran: bool = False  # seen running (a requeued job back in the queue has lost its address)
     # What squeue said, each time it changed: [wall time, state, reason], the last 16.
     history: deque[list[Any]] = field(default_factory=lambda: deque(maxlen=16))
 
@@ -247,9 +248,14 @@ class SlurmLauncher(LauncherBase):
             "pending_reason": None,
             "slurm_history": t.record(job.state, job.reason),
         }
+        if job.state in _QUEUED and t.ran:
+            # Preempted and requeued: the engine it ran is gone and its one-time token is
+            # spent, so it can't report a new address. Replace it with a fresh job.
+            return await self._ended(handle, t, f"was requeued ({job.state})", "requeued")
         if job.state in _QUEUED:
             return await self._queued(handle, t, job, public, private)
         if job.state in _RUNNING:
+            t.ran = True
             url = self._addr.get(rid) or self._read_report(rid, t)
             note = "" if url else "running on the cluster; waiting for the engine's address"
             left = job.time_left_s
@@ -418,6 +424,7 @@ class SlurmLauncher(LauncherBase):
                 self._tracked[rid] = _Tracked(
                     b, str(rec["job_id"]), time.monotonic(), float(rec.get("submitted_at", 0)),
                     str(rec.get("report_file", "")),
+                    ran=bool(rec.get("url")),
                 )
                 if rec.get("url"):
                     self._addr[rid] = str(rec["url"])
