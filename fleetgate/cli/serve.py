@@ -131,6 +131,11 @@ def _check_tls(opts: ServerOptions) -> None:
         ssl_context(opts.tls)
     except (OSError, ssl.SSLError) as e:
         raise click.ClickException(f"server.tls: {e}") from None
+    with contextlib.suppress(OSError):
+        if os.stat(opts.tls.key_file).st_mode & 0o077:
+            logging.getLogger("fleetgate.server").warning(
+                "server.tls.key_file %s is readable by other users: chmod 600 it",
+                opts.tls.key_file)
 
 
 def freeze_startup_objects() -> None:
