@@ -122,10 +122,10 @@ class Backend(ABC):
     def admit(self, checks: Checks, cost: int) -> Grant | Awaitable[Grant]:
         """Take from every counter in ``checks``, or from none and raise the refusal."""
 
-    def seed_quota(self, subject: Subject, quota: Quota, used: int, now_wall: float) -> None:
-        """Start this period's counter of ``subject`` at ``used`` (e.g. summed from the usage
-        records at start-up), unless the counter already exists. Default: nothing to seed."""
-        return None
+    @abstractmethod
+    async def seed_quota(self, subject: Subject, quota: Quota, used: int, now_wall: float) -> None:
+        """Start this period's counter of ``subject`` at ``used`` (summed from the usage records
+        at start-up, off the request path), unless the counter already exists."""
 
     async def start(self) -> None:
         """Start what runs beside the data plane (connections, the settle sender)."""

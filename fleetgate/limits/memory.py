@@ -121,7 +121,7 @@ class MemoryBackend(Backend):
             self._periods -= stale
         self._periods.add(key)
 
-    def seed_quota(self, subject: Subject, quota: Quota, used: int, now_wall: float) -> None:
+    async def seed_quota(self, subject: Subject, quota: Quota, used: int, now_wall: float) -> None:
         key = quotas.period_key(now_wall, quota.period)
         if (subject, key) not in self._quota:
             self._used(subject, key)[0] = used

@@ -451,7 +451,7 @@ class RedisBackend(Backend):
         h = await self._connect().hgetall(f"{self.prefix}c:{_sid(subject)}")
         return sum(int(v) for v in h.values())
 
-    async def aseed_quota(self, subject: Subject, quota: Quota, used: int, now_wall: float) -> None:
+    async def seed_quota(self, subject: Subject, quota: Quota, used: int, now_wall: float) -> None:
         """Redis keeps quotas across restarts; seed only a counter that doesn't exist (SET NX)."""
         pk = quotas.period_key(now_wall, quota.period)
         end = int(quotas.period_end(now_wall, quota.period).timestamp()) + _QUOTA_GRACE_S

@@ -7,6 +7,7 @@ test takes can't change an outcome on the Redis side, whose clock is Redis's own
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -162,3 +163,13 @@ async def test_admit_applies_caps_and_cost_first(backend: Backend) -> None:
     with pytest.raises(GatewayError) as e:
         await resolve(admit(backend, checks, body_bytes=40, max_tokens=1000, n=6))
     assert e.value.status == 400 and "5000 tokens per minute" in e.value.message
+
+
+async def test_seed_quota_only_where_no_counter_exists(backend: Backend) -> None:
+    q = Quota(1000, "month")
+    checks = Checks.of([], [(TEAM, q)])
+    await backend.seed_quota(TEAM, q, 950, time.time())
+    await backend.seed_quota(TEAM, q, 0, time.time())  # never overwrites a counter
+    with pytest.raises(QuotaExceeded, match="50 tokens left"):
+        await take(backend, checks, 51)
+    await take(backend, checks, 50)

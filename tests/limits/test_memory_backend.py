@@ -78,12 +78,12 @@ def test_quota_rolls_over_at_midnight_utc() -> None:
     assert len(b._quota) == 1
 
 
-def test_seed_quota_from_recorded_usage(clock: FakeClock) -> None:
+async def test_seed_quota_from_recorded_usage(clock: FakeClock) -> None:
     wall = FakeClock(dt.datetime(2026, 11, 24, tzinfo=dt.UTC).timestamp())
     b = MemoryBackend(clock=clock, wall=wall)
     q = Quota(1000, "month")
-    b.seed_quota(TEAM, q, 950, wall.t)
-    b.seed_quota(TEAM, q, 0, wall.t)  # an existing counter is never overwritten
+    await b.seed_quota(TEAM, q, 950, wall.t)
+    await b.seed_quota(TEAM, q, 0, wall.t)  # an existing counter is never overwritten
     with pytest.raises(QuotaExceeded, match="50 tokens left"):
         b.admit(Checks.of([], [(TEAM, q)]), 51)
 
