@@ -2,9 +2,10 @@
 
 Promises:
 - a streamed response is relayed in batches of complete SSE events, as they arrive, with no
-  re-encoding (see :mod:`fleetgate.proxy.usage_tap`). Splitting the byte stream into events is
-  linear in its size: each chunk is searched once, and a partial event is joined once, when it
-  completes (:class:`EventSplitter`);
+  re-encoding (see :mod:`fleetgate.proxy.usage_tap`), except that CRLF line ends become LF (the
+  same events; the tap reads LF). Splitting the byte stream into events is linear in its size:
+  each chunk is searched once, and a partial event is joined once, when it completes
+  (:class:`EventSplitter`);
 - one SSE event may be at most ``server.max_sse_event_bytes``; a bigger one ends the stream with
   an ``upstream_response_too_large`` error event and closes the upstream connection;
 - a non-streamed one is read whole, up to ``server.max_upstream_response_bytes`` (a bigger one is
@@ -35,8 +36,18 @@ class EventTooLarge(Exception):
     """An SSE event grew past the bound without ending."""
 
 
+def _last_blank_line_end(data: bytes) -> int:
+    """Just past the last blank line ("\n\n", or "\r\n\r\n": its end is "\n\r\n"); -1 if none."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\n\r\n")
+    if lf < 0 and crlf < 0:
+        return -1
+    return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
+
+
 class EventSplitter:
-    """Cuts a byte stream into runs of complete SSE events (each ending in a blank line).
+    """Cuts a byte stream into runs of complete SSE events (each ending in a blank line, LF or
+    CRLF, wherever the stream was cut into pieces).
 
     :meth:`feed` returns every complete event the bytes so far finish, as one ``bytes``, and
     keeps the partial tail. The tail is kept as a list of pieces and joined once, when its
@@ -53,12 +64,10 @@ class EventSplitter:
         self.copied = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        end = chunk.rfind(b"\n\n")
-        if end >= 0:
-            cut = end + 2
-        elif chunk[:1] == b"\n" and self._parts and self._parts[-1][-1:] == b"\n":
-            cut = 1  # the blank line straddles the two pieces
-        else:
+        cut = _last_blank_line_end(chunk)
+        if cut < 0 and self._parts:
+            cut = self._straddle(chunk)
+        if cut < 0:
             self._keep(chunk)
             return b""
         if self._parts:
@@ -72,6 +81,17 @@ class EventSplitter:
         if cut < len(chunk):
             self._keep(chunk[cut:])
         return out
+
+    def _straddle(self, chunk: bytes) -> int:
+        """Where in ``chunk`` a blank line that began in the kept tail ends, or -1."""
+        tail = b""
+        for piece in reversed(self._parts):  # the kept tail's last bytes, however it was cut
+            tail = piece[-3:] + tail
+            if len(tail) >= 3:
+                break
+        tail = tail[-3:]
+        end = _last_blank_line_end(tail + chunk[:3])
+        return end - len(tail) if end > len(tail) else -1
 
     def _keep(self, piece: bytes) -> None:
         self._size += len(piece)
@@ -132,6 +152,8 @@ async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: 
             events = split.feed(chunk)
             if not events:
                 continue
+            if b"\r" in events:  # CRLF line ends (sse-starlette's): the same events with LF
+                events = events.replace(b"\r\n", b"\n")
             out = tap.events(events)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -147,7 +169,7 @@ async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: 
     if gone.gone:
         tap.disconnected = True
         return
-    rest = split.rest()
+    rest = split.rest().replace(b"\r\n", b"\n")
     if error is None and rest.strip():
         out = tap.events(rest + b"\n\n")
         if out:

@@ -75,6 +75,23 @@ def test_blank_line_split_across_pieces_still_ends_the_event():
     assert s.rest() == b"data: 2"
 
 
+async def test_crlf_events_stream_one_by_one_as_lf_events():
+    """sse-starlette ends lines with CRLF: events must still go out as they complete."""
+    ev = b'data: {"choices":[{"delta":{"content":"x"}}]}\r\n\r\n'
+    resp = FakeResponse([ev, ev[:-1], ev[-1:] + b"data: [DONE]\r\n\r\n"])
+    sent: list[bytes] = []
+
+    async def send(msg: dict) -> None:
+        if msg["type"] == "http.response.body":
+            sent.append(msg["body"])
+
+    tap = UsageTap(hide_usage_event=False, rewrite=None)
+    await relay_stream(resp, send, tap, ClientGone())  # type: ignore[arg-type]
+    lf = ev.replace(b"\r\n", b"\n")
+    assert sent == [lf, lf + b"data: [DONE]\n\n", b""]
+    assert tap.done and tap.completion_tokens == 2
+
+
 async def test_an_event_past_the_bound_ends_the_stream_with_an_error_event():
     chunks = [b"data: {\"choices\":[]}\n\n"] + [b"y" * 65536] * 40  # 2.5 MiB, no blank line
     resp = FakeResponse(chunks, max_event_bytes=1 * MiB)

@@ -94,6 +94,9 @@ def test_any_chunking_relays_the_same_bytes_and_usage(evs, cuts, hide, done, str
     whole = _run([stream] if stream else [], hide, strip)
     pieces = _run(_split(stream, cuts), hide, strip)
     assert pieces == whole
+    # The same stream with CRLF line ends (sse-starlette's) relays as the LF one does.
+    crlf = stream.replace(b"\n", b"\r\n")
+    assert _run(_split(crlf, cuts), hide, strip) == whole
     body = whole[0]
     assert b'"up"' not in body  # the internal name never reaches the client
     if hide and strip is not False:  # the client asked for no usage: no event carries any
