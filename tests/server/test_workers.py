@@ -1,5 +1,6 @@
 """``fleetgate serve --workers 2``: both workers serve on one port, and every way the parent
-goes (SIGTERM, a worker dying, SIGKILL of the parent) leaves no worker behind."""
+goes (SIGTERM, a worker dying, SIGKILL of the parent) leaves no worker behind. And a graceful
+stop: a stream in flight at SIGTERM finishes, and its usage reaches the store."""
 
 from __future__ import annotations
 
@@ -104,3 +105,48 @@ def test_a_killed_parent_takes_its_workers_with_it(config: tuple[Path, str]) -> 
         p.kill()
         p.wait(timeout=10)
         assert until(lambda: not any(alive(k) for k in kids), 20), "orphaned workers"
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_keeps_its_usage(tmp_path: Path) -> None:
+    with sim("upstream-name", "--ttft-ms", "0", "--tokens-per-s", "20") as sim_url:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            f"store: {{url: 'sqlite:///{tmp_path / 'fg.db'}'}}\n"
+            "server: {shutdown_grace_s: 10}\n"
+            "models:\n"
+            "  - name: chat\n"
+            "    served_name: upstream-name\n"
+            f"    backend: {{type: static, urls: ['{sim_url}']}}\n"
+        )
+        key = create_key(cfg, "alice")
+        _stream_through_a_sigterm(tmp_path, cfg, key)
+
+
+def _stream_through_a_sigterm(tmp_path: Path, cfg: Path, key: str) -> None:
+    import openai
+
+    port = free_port()
+    p = subprocess.Popen([*FLEETGATE, "serve", "--config", str(cfg), "--port", str(port)],
+                         stdout=(tmp_path / "gw.log").open("wb"), stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", 60, p)
+        before = subprocess.run([*FLEETGATE, "usage", "--config", str(cfg)], check=True,
+                                capture_output=True, text=True).stdout
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        stream = c.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "x"}], max_tokens=40,
+            stream=True, extra_body={"stream_options": {"include_usage": True}})
+        chunks = iter(stream)
+        next(chunks)
+        p.send_signal(signal.SIGTERM)  # mid-stream
+        rest = list(chunks)
+        assert rest and rest[-1].usage is not None and rest[-1].usage.completion_tokens == 40
+        assert p.wait(timeout=20) == 0
+    finally:
+        stop(p)
+    log = (tmp_path / "gw.log").read_text()
+    assert log.rstrip().endswith("Application shutdown complete.")
+    after = subprocess.run([*FLEETGATE, "usage", "--config", str(cfg)], check=True,
+                           capture_output=True, text=True).stdout
+    assert after != before  # the stream's usage row was flushed at shutdown
