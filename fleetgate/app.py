@@ -89,7 +89,13 @@ class Gateway:
             *CallbackRoutes(self.pool.control).routes(),  # public: one-time job tokens
             # Users, groups and keys live in the store: only key mode has them.
             *(self.admin.routes() if self.admin is not None else ()),
+            *(self._portal_routes() if self.settings.portal.enabled else ()),
         ]
+
+    def _portal_routes(self) -> list[Route]:
+        from fleetgate.portal.routes import PortalRoutes  # Jinja2 and ldap3 only when enabled
+
+        return PortalRoutes(self.engine, self.settings, self.pool).routes()
 
     # -- public routes --------------------------------------------------------------------------
 

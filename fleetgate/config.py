@@ -197,6 +197,64 @@ class ModelSettings(_Model):
         return self.served_name or self.name
 
 
+class PortalSettings(_Model):
+    """The web portal (``/portal/``): off by default; needs ``auth.mode: keys``."""
+
+    enabled: bool = False
+    public_url: str = "http://127.0.0.1:8000"  # the base URL the example code uses
+    session_ttl_s: float = Field(28800.0, gt=0)
+    local_accounts: bool = True  # sign-in with a password set by `fleetgate users set-password`
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or any(c.isspace() for c in v):
+            raise ValueError("portal.public_url must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class LdapSearchSettings(_Model):
+    """Search-then-bind: a read-only service account finds the user's DN."""
+
+    base: str
+    filter: str = "(uid={username})"
+    bind_dn: str
+    bind_password: str = Field(repr=False)
+
+
+class LdapGroupSearchSettings(_Model):
+    base: str
+    filter: str = "(memberUid={username})"
+
+
+class LdapSettings(_Model):
+    """Portal sign-in against a directory (see docs/portal.md)."""
+
+    url: str
+    start_tls: bool = False
+    ca_file: str | None = None  # None: the system CAs; validation is always on
+    user_dn_template: str | None = None
+    search: LdapSearchSettings | None = None
+    group_search: LdapGroupSearchSettings | None = None
+    group_map: dict[str, str] = {}
+    required_group: str | None = None
+    timeout_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_way_to_find_users(self) -> LdapSettings:
+        if not self.url.startswith(("ldap://", "ldaps://")):
+            raise ValueError("ldap.url must be an ldap:// or ldaps:// URL")
+        if self.url.startswith("ldap://") and not self.start_tls:
+            raise ValueError("ldap.url 'ldap://' needs ldap.start_tls: true (or use ldaps://)")
+        if (self.user_dn_template is None) == (self.search is None):
+            raise ValueError("set exactly one of ldap.user_dn_template and ldap.search")
+        if self.user_dn_template is not None and "{username}" not in self.user_dn_template:
+            raise ValueError("ldap.user_dn_template must contain {username}")
+        if (self.group_map or self.required_group) and self.group_search is None:
+            raise ValueError("ldap.group_map and ldap.required_group need ldap.group_search")
+        return self
+
+
 class Settings(_Model):
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -204,6 +262,14 @@ class Settings(_Model):
     fleet: FleetSettings = FleetSettings()
     limits: LimitsSettings = LimitsSettings()
     models: tuple[ModelSettings, ...] = ()
+    portal: PortalSettings = PortalSettings()
+    ldap: LdapSettings | None = None
+
+    @model_validator(mode="after")
+    def _portal_needs_keys(self) -> Settings:
+        if self.portal.enabled and self.auth.mode != "keys":
+            raise ValueError("portal.enabled needs auth.mode: keys (the portal hands out keys)")
+        return self
 
     @model_validator(mode="after")
     def _unique_models(self) -> Settings:
@@ -302,4 +368,6 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(e.problems, str(p)) from None
     # From here on, every secret this config holds is masked in whatever this process logs.
     redact.register_settings(settings)
+    if settings.ldap is not None and settings.ldap.search is not None:
+        redact.register([settings.ldap.search.bind_password])
     return settings

@@ -47,10 +47,17 @@ def create(config_path: str, name: str, groups: tuple[str, ...], role: str,
 @click.option("--role", type=click.Choice(["user", "admin"]), default=None)
 @click.option("--models", default=None,
               help="Replace the user's own list; '' removes it.")
+@click.option("--link-ldap", is_flag=True,
+              help="Let portal sign-ins through LDAP reach this local account.")
 @store_errors
 def update(config_path: str, name: str, add: tuple[str, ...], remove: tuple[str, ...],
-           role: str | None, models: str | None) -> None:
+           role: str | None, models: str | None, link_ldap: bool) -> None:
     """Change a user; options not given stay as they are."""
+    if link_ldap:
+        from fleetgate.services import accounts
+
+        accounts.link_ldap(context(config_path), name)
+        click.echo(f"linked user {name} to the directory account of the same name")
     u = user_svc.update_user(
         context(config_path), name, role=role if role is not None else KEEP,
         models=KEEP if models is None else (globs(models) or None),
@@ -92,3 +99,27 @@ def enable(config_path: str, name: str) -> None:
     """Enable a user again; their keys that aren't revoked or expired work again."""
     user_svc.set_enabled(context(config_path), name, True)
     click.echo(f"enabled user {name}")
+
+
+@users.command("set-password")
+@_config_opt
+@click.argument("name")
+@store_errors
+def set_password(config_path: str, name: str) -> None:
+    """Set a local account's portal password, read from stdin (no echo on a terminal).
+
+    \b
+    Examples:
+      fleetgate users set-password --config gw.yaml alice          # prompts twice
+      printf '%s\\n' "$PW" | fleetgate users set-password --config gw.yaml alice
+    """
+    import sys
+
+    from fleetgate.services import accounts
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    accounts.set_password(context(config_path), name, password)
+    click.echo(f"set the password of user {name}")
