@@ -23,7 +23,7 @@ from fleetgate.limits import quotas
 from fleetgate.limits.backend import Backend, Failure, Grant, Outcome, refusal
 from fleetgate.limits.buckets import settle_level, wait_s
 from fleetgate.limits.headers import RateView, rate_headers
-from fleetgate.limits.spec import Checks, Limits, Period, Quota, Subject
+from fleetgate.limits.spec import Checks, Limits, Quota, Subject
 
 
 class _Cell:
@@ -93,16 +93,7 @@ class MemoryBackend(Backend):
         # (subject, period key) -> [tokens used]; a one-item list so a grant can hold it.
         self._quota: dict[tuple[Subject, str], list[int]] = {}
         self._periods: set[str] = set()
-        # period -> (its key now, until when that key holds): no date formatting per request.
-        self._period_keys: dict[str, tuple[str, float]] = {}
-
-    def _period_key(self, period: Period, wall: float) -> str:
-        cached = self._period_keys.get(period)
-        if cached is not None and wall < cached[1]:
-            return cached[0]
-        key = quotas.period_key(wall, period)
-        self._period_keys[period] = (key, quotas.period_end(wall, period).timestamp())
-        return key
+        self._periods_now = quotas.PeriodKeys()
 
     def _used(self, subject: Subject, period_key: str) -> list[int]:
         cell = self._quota.get((subject, period_key))
@@ -168,7 +159,7 @@ class MemoryBackend(Backend):
         if checks.quotas:
             wall = self._wall()
             for i, (subject, quota) in enumerate(checks.quotas):
-                qc = self._used(subject, self._period_key(quota.period, wall))
+                qc = self._used(subject, self._periods_now.get(quota.period, wall)[0])
                 if qc[0] + cost > quota.tokens:
                     failed, index, quota_used = "quota", i, qc[0]
                     break

@@ -44,6 +44,27 @@ def period_key(now: float, period: Period) -> str:
     return start.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
 
 
+class PeriodKeys:
+    """:func:`period_key` and the period's end, remembered until the period ends, so that the
+    request path formats no date. Not thread-safe (one per event loop)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[str, float, float]] = {}
+
+    def get(self, period: Period, now: float) -> tuple[str, float]:
+        """(key, end as UNIX seconds) of the period that holds ``now``."""
+        hit = self._cache.get(period)
+        if hit is None or not hit[1] <= now < hit[2]:
+            hit = self._cache[period] = (
+                period_key(now, period),
+                period_start(now, period).timestamp(),
+                period_end(now, period).timestamp(),
+            )
+        return hit[0], hit[2]
+
+
 def left(quota: Quota, used: int) -> int:
     return max(0, quota.tokens - used)
 

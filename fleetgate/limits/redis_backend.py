@@ -250,6 +250,7 @@ class RedisBackend(Backend):
         self._stopping = asyncio.Event()
         self._flush_lock: asyncio.Lock | None = None
         self.settle_ids = itertools.count()
+        self._periods_now = quotas.PeriodKeys()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_log = -math.inf
         self._unlogged = 0
@@ -398,9 +399,8 @@ class RedisBackend(Backend):
         qkeys: list[str] = []
         args.append(len(checks.quotas))
         for subject, quota in checks.quotas:
-            pk = quotas.period_key(wall, quota.period)
+            pk, end = self._periods_now.get(quota.period, wall)
             qkeys.append(f"{p}q:{_sid(subject)}:{pk}")
-            end = quotas.period_end(wall, quota.period).timestamp()
             args += [quota.tokens, int(end) + _QUOTA_GRACE_S]
         ckeys = [f"{p}c:{_sid(s)}" for s, lim in checks.limits if lim.max_concurrent is not None]
         cidx = [i for i, (_, lim) in enumerate(checks.limits) if lim.max_concurrent is not None]

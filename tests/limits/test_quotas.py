@@ -66,3 +66,13 @@ def test_exceeded_says_what_is_left_and_when_it_resets() -> None:
 def test_bad_quota(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Quota(**bad)  # type: ignore[arg-type]
+
+
+def test_period_keys_are_remembered_until_the_period_ends() -> None:
+    keys = quotas.PeriodKeys()
+    assert keys.get("day", ts("2026-11-24T23:59:59")) == ("2026-11-24", ts("2026-11-25T00:00:00"))
+    assert keys.get("day", ts("2026-11-25T00:00:00"))[0] == "2026-11-25"
+    assert keys.get("month", ts("2026-11-30T12:00:00"))[0] == "2026-11"
+    assert keys.get("month", ts("2026-12-01T00:00:00"))[0] == "2026-12"
+    # A wall clock set back is not answered from the cache.
+    assert keys.get("day", ts("2026-11-24T10:00:00"))[0] == "2026-11-24"
