@@ -147,9 +147,10 @@ return reply(1, '', 0, 0, 0)
 # KEYS: tpm buckets (nb), quotas (nq), concurrency hashes (nc), then the settle's own marker.
 # ARGV: refund (charged - actual, may be negative), process id, nb, [capacity]*nb, nq, nc.
 # The marker makes a settle idempotent: a batch resent after a connection broke mid-way (some of
-# it applied, some not) applies each settle once.
+# it applied, some not) applies each settle once. It lives a minute (the sender resends within
+# seconds of Redis answering again): at 1,000 requests a second, some 60,000 small keys.
 SETTLE = """
-if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', 600000) == false then return 0 end
+if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', 60000) == false then return 0 end
 """ + _LUA_BUCKETS + """
 local refund = tonumber(ARGV[1])
 local proc = ARGV[2]
