@@ -209,6 +209,8 @@ class Pipeline:
             try:
                 resp = await self.upstream.open(url, up.body, route.headers, gone)
             except UpstreamUnreachable as first:
+                if first.error_code == "upstream_bad_response":
+                    raise  # it answered, badly: the work may be done, so never send it twice
                 # Nothing reached the client yet: take the replica out, try once more elsewhere.
                 self.pool.report_connect_failure(lease)
                 lease.release()

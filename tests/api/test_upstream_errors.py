@@ -81,3 +81,41 @@ async def test_stream_cut_mid_way_ends_with_an_error_event(tmp_path, include_usa
             assert "[DONE]" not in r.text
         finally:
             await app.shutdown()
+
+
+async def test_a_bad_answer_is_not_sent_again_to_another_replica(tmp_path):
+    """A replica that answered, badly (status 999), did the work: the request is a 502 and is
+    not retried elsewhere, unlike a connection that failed before any byte came back."""
+    import asyncio
+
+    seen: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /health"):  # the health probe: ready
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+        else:
+            seen.append(1)
+            writer.write(b"HTTP/1.1 999 Odd\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    servers = [await asyncio.start_server(handle, "127.0.0.1", 0) for _ in range(2)]
+    urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+    app = await _gateway(tmp_path, urls[0])
+    doc = app.settings.model_dump(mode="json", exclude_none=True)
+    await app.shutdown()
+    doc["models"][0]["backend"]["urls"] = urls
+    from fleetgate import config
+
+    app = create_app(config.parse(doc))
+    await app.startup()
+    try:
+        r = await _post(app, CHAT)
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "upstream_bad_response"
+        assert len(seen) == 1
+    finally:
+        await app.shutdown()
+        for s in servers:
+            s.close()
