@@ -1,6 +1,6 @@
 """The counter store behind admission: one interface, implementations chosen by name.
 
-    BACKENDS = {"memory": MemoryBackend, "redis": RedisBackend}
+    create("memory") | create("redis", url=..., fail_open=...)      # see registry()
 
 A backend decides one request against every counter in its :class:`~fleetgate.limits.spec.Checks`
 at once (rpm and tpm buckets, concurrency counters, quotas) and either takes from all of them or
