@@ -42,15 +42,25 @@ ROUTER = Router(ROUTES, authenticate=None)  # type: ignore[arg-type]  # match() 
 METHODS = sorted({r.method for r in ROUTES})
 
 
+# Until routing.py stops trimming slashes around a template's path (a fix in progress when this
+# was written), "/admin/v1/users/bob/" reaches GET /admin/v1/users/{name}. The oracle follows
+# what the router does today, and test_templates_do_not_trim_slashes is an expected failure
+# while LENIENT holds; once the fix lands it is an ordinary test. Then drop LENIENT.
+LENIENT = ROUTER._match_template("/admin/v1/users/bob/")[0] is not None
+
+
 def covers(template: str, path: str) -> dict[str, str] | None:
     """The parameters if ``template`` covers ``path``, else None: the oracle, written apart
     from the router. Exact paths match only themselves. A template matches segment by segment,
-    a ``{name}`` segment being any one non-empty segment; like the router, it ignores leading
-    and trailing slashes (see test_a_template_ignores_surrounding_slashes below)."""
+    a ``{name}`` segment being any one non-empty segment."""
     if "{" not in template:
         return {} if path == template else None
-    t = template.strip("/").split("/")
-    p = path.strip("/").split("/")
+    if not path.startswith("/"):
+        return None
+    t = template.split("/")
+    p = path.split("/")
+    if LENIENT:
+        t, p = template.strip("/").split("/"), path.strip("/").split("/")
     if len(t) != len(p):
         return None
     params: dict[str, str] = {}
@@ -154,11 +164,12 @@ def test_every_declared_route_matches_itself() -> None:
         assert ROUTER.match(r.method, path)[0] is r
 
 
-@pytest.mark.xfail(strict=True, reason="the router strips leading/trailing slashes before "
-                   "matching a template (exact paths don't): /admin/v1/users/bob/ reaches "
-                   "GET /admin/v1/users/{name}. Harmless for auth (the matched route's auth "
-                   "applies) but inconsistent; remove this mark when routing.py is strict.")
-def test_a_template_ignores_surrounding_slashes() -> None:
-    for path in ("/admin/v1/users/bob/", "//admin/v1/users/bob", "/admin/v1/keys/7//"):
+@pytest.mark.xfail(LENIENT, strict=True, reason="the router trims leading/trailing slashes "
+                   "before matching a template (exact paths it doesn't): /admin/v1/users/bob/ "
+                   "reaches GET /admin/v1/users/{name}. Harmless for auth (the matched route's "
+                   "auth applies) but inconsistent.")
+def test_templates_do_not_trim_slashes() -> None:
+    for path in ("/admin/v1/users/bob/", "//admin/v1/users/bob", "/admin/v1/keys/7//",
+                 "admin/v1/users/bob"):
         with pytest.raises(NotFound):
             ROUTER.match("GET", path)
