@@ -218,7 +218,13 @@ class Pipeline:
                 try:
                     lease = self.pool.acquire(route.name, affinity_key=affinity)
                 except Unavailable:
-                    raise first from None  # no other replica: say what happened, a 502
+                    if self.pool.cold_start_mode(route.name) != "wait":
+                        raise first from None  # no other replica: say what happened, a 502
+                    # The model waits for replicas: wait for this one's replacement (or its
+                    # return), as a cold start would.
+                    lease = await self.acquire(principal, route, affinity, head, gone)
+                    if lease is None:
+                        return
                 url = lease.url + endpoint.path
                 resp = await self.upstream.open(url, up.body, route.headers, gone)
             status = resp.status

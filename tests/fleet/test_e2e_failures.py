@@ -277,3 +277,32 @@ def test_static_url_down_gets_503_then_the_client_retry_succeeds(fleet: Fleet) -
     assert raw.parse().choices[0].text
     assert raw.retries_taken >= 1  # turned away while it came up; the client's retry got through
     assert gw.status("st")["launches"] == 0  # static: never launched, only probed
+
+
+def test_in_wait_mode_a_replica_lost_at_connect_is_waited_for_not_a_502(fleet: Fleet) -> None:
+    """The only replica dies between routing and connecting (a SLURM job cancelled, a static
+    engine restarting): a model in wait mode waits for it to come back instead of failing."""
+    port = free_port()
+    doc = fleet.config([{
+        "name": "st",
+        "backend": {"type": "static", "urls": [f"http://127.0.0.1:{port}"],
+                    "health_interval_s": 30},  # the probe won't notice: the request will
+        "cold_start": {"mode": "wait", "wait_timeout_s": 30},
+    }])
+    engine = fleet.sim(port, "st", "--ttft-ms", "0")
+    gw = fleet.gateway(doc)
+    client = gw.client(max_retries=0, timeout=60)
+    until(lambda: gw.replicas("st", "ready"), 15, "the static replica ready")
+    assert client.completions.create(model="st", prompt="x", max_tokens=2).choices[0].text
+    engine.terminate()
+    engine.wait(10)
+
+    def bring_back() -> None:
+        time.sleep(1.5)
+        fleet.sim(port, "st", "--ttft-ms", "0")
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(bring_back)
+        t0 = time.monotonic()
+        r = client.completions.create(model="st", prompt="x", max_tokens=2)
+    assert r.choices[0].text and time.monotonic() - t0 >= 1.0
