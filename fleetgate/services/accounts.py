@@ -101,9 +101,8 @@ def ldap_signin(ctx: Context, ident: LdapIdentity) -> repo.UserRecord:
 
 def _sync_groups(conn: Connection, ctx: Context, uid: int, name: str, wanted: list[str]) -> None:
     """Replace the user's ``ldap`` memberships by ``wanted``; ``manual`` ones stay."""
-    have = dict(conn.execute(
-        select(user_groups.c.group_id, user_groups.c.source).where(user_groups.c.user_id == uid)
-    ).tuples())
+    have: dict[int, str] = {gid: src for gid, src in conn.execute(
+        select(user_groups.c.group_id, user_groups.c.source).where(user_groups.c.user_id == uid))}
     want_ids = {}
     for g in wanted:
         rec = repo.get_group(conn, g)

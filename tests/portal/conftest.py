@@ -44,3 +44,15 @@ def search_doc(s: Slapd, **over: Any) -> dict[str, Any]:
         "bind_dn": f"cn=reader,{SUFFIX}", "bind_password": "reader-pw"})
     doc.update(over)
     return doc
+
+
+@pytest.fixture(autouse=True)
+def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Argon2 at its lowest cost here: the tests check behaviour, not the hash's strength."""
+    from argon2 import PasswordHasher
+
+    from fleetgate.auth import passwords
+
+    cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    monkeypatch.setattr(passwords, "_hasher", cheap)
+    monkeypatch.setattr(passwords, "_DUMMY", cheap.hash("dummy"))

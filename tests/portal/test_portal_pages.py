@@ -1,0 +1,347 @@
+"""The portal in process (httpx over ASGI) with a real slapd: sign-in, sessions, CSRF, brute
+force, admin pages, keys, and the LDAP account rules (groups, required group, local names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ldap_doc
+from helpers import settings_for
+from ldap_server import Slapd
+from sqlalchemy import update
+
+from fleetgate.app import Gateway, create_app
+from fleetgate.localnet import free_port
+from fleetgate.portal.routes import GENERIC_REFUSAL
+from fleetgate.services import Context, accounts, audit
+from fleetgate.services import groups as group_svc
+from fleetgate.services import users as user_svc
+from fleetgate.store import repo
+from fleetgate.store.tables import portal_sessions
+
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def portal_settings(tmp: Path, sim_url: str, slapd: Slapd, **ldap_over: Any) -> Any:
+    return settings_for(tmp, sim_url, portal={"enabled": True,
+                                              "public_url": "http://llm.example.org"},
+                        ldap=ldap_doc(slapd, **ldap_over))
+
+
+class Portal:
+    def __init__(self, app: Gateway, client: httpx.AsyncClient) -> None:
+        self.app, self.client = app, client
+        self.ctx = Context(app.engine, app.settings)
+
+    async def login(self, user: str, password: str, **kw: Any) -> httpx.Response:
+        page = await self.client.get("/portal/login")
+        token = CSRF.search(page.text).group(1)  # type: ignore[union-attr]
+        return await self.client.post("/portal/login", data={
+            "username": user, "password": password, "csrf_token": token}, **kw)
+
+    async def csrf(self, path: str = "/portal/keys") -> str:
+        page = await self.client.get(path)
+        assert page.status_code == 200, page.text
+        return CSRF.search(page.text).group(1)  # type: ignore[union-attr]
+
+
+def session(sid: str) -> dict[str, str]:
+    """Headers that send only this session id (an explicit Cookie header beats the jar)."""
+    return {"cookie": f"fleetgate_session={sid}"}
+
+
+async def _portal(app: Gateway, base_url: str = "http://gw") -> AsyncIterator[Portal]:
+    await app.startup()
+    transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
+        yield Portal(app, client)
+    await app.shutdown()
+
+
+@pytest.fixture
+async def portal(tmp_path: Path, sim_url: str, slapd: Slapd) -> AsyncIterator[Portal]:
+    app = create_app(portal_settings(tmp_path, sim_url, slapd))
+    ctx = Context(app.engine, app.settings)
+    async for p in _portal(app):
+        group_svc.create_group(ctx, "research", models=["sim"])
+        group_svc.create_group(ctx, "gpu", models=["other"])
+        group_svc.create_group(ctx, "manual", models=[])
+        user_svc.create_user(ctx, "dora")
+        accounts.set_password(ctx, "dora", "dora-password")
+        accounts.set_password(ctx, "admin", "admin-password")
+        yield p
+
+
+# -- sign-in ------------------------------------------------------------------------------------
+
+async def test_a_good_sign_in_is_a_303_with_a_safe_session_cookie(portal: Portal) -> None:
+    r = await portal.login("dora", "dora-password")
+    assert r.status_code == 303 and r.headers["location"] == "/portal/"
+    cookie = next(c for c in r.headers.get_list("set-cookie")
+                  if c.startswith("fleetgate_session="))
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    assert "Secure" not in cookie  # public_url is http here
+    page = await portal.client.get("/portal/")
+    assert page.status_code == 200 and "My models" in page.text and "dora" in page.text
+
+
+async def test_the_cookie_is_secure_when_the_public_url_is_https(
+    tmp_path: Path, sim_url: str, slapd: Slapd
+) -> None:
+    s = portal_settings(tmp_path, sim_url, slapd)
+    s = s.model_copy(update={"portal": s.portal.model_copy(
+        update={"public_url": "https://llm.example.org"})})
+    async for p in _portal(create_app(s), "https://gw"):  # a Secure cookie needs https
+        r = await p.login("alice", "alice-pw")
+        assert r.status_code == 303
+        assert "; Secure" in r.headers["set-cookie"]
+
+
+@pytest.mark.parametrize("user,password", [
+    ("dora", "wrong-password"), ("nobody", "dora-password"), ("alice", "bob-pw"),
+])
+async def test_a_failed_sign_in_is_a_401_that_does_not_say_whether_the_user_exists(
+    portal: Portal, user: str, password: str
+) -> None:
+    r = await portal.login(user, password)
+    assert r.status_code == 401
+    assert GENERIC_REFUSAL in r.text and 'action="/portal/login"' in r.text
+    assert "fleetgate_session=" not in r.headers.get("set-cookie", "")
+
+
+async def test_repeated_failures_are_refused_per_user_name_and_per_address(
+    portal: Portal,
+) -> None:
+    for _ in range(5):
+        assert (await portal.login("dora", "wrong-password")).status_code == 401
+    # Now even the right password is refused for that name, with no hint of why beyond waiting.
+    r = await portal.login("dora", "dora-password")
+    assert r.status_code == 429 and "Too many" in r.text
+    # Another name from the same address still works until the address's own limit.
+    assert (await portal.login("alice", "alice-pw")).status_code == 303
+    for i in range(20):
+        await portal.login(f"guess{i}", "wrong-password")
+    assert (await portal.login("carol", "carol-pw")).status_code == 429
+
+
+async def test_the_sign_in_form_needs_its_csrf_token(portal: Portal) -> None:
+    await portal.client.get("/portal/login")  # sets the form's cookie
+    for data in ({"username": "dora", "password": "dora-password"},
+                 {"username": "dora", "password": "dora-password", "csrf_token": "forged"}):
+        r = await portal.client.post("/portal/login", data=data)
+        assert r.status_code == 403
+        assert "fleetgate_session=" not in r.headers.get("set-cookie", "")
+
+
+async def test_the_session_id_is_rotated_at_sign_in(portal: Portal) -> None:
+    await portal.login("dora", "dora-password")
+    first = portal.client.cookies["fleetgate_session"]
+    await portal.login("dora", "dora-password")
+    second = portal.client.cookies["fleetgate_session"]
+    assert first != second
+    stale = await portal.client.get("/portal/keys", headers=session(first))
+    assert stale.status_code == 303 and stale.headers["location"] == "/portal/login"
+
+
+# -- sessions and CSRF --------------------------------------------------------------------------
+
+async def test_forms_without_or_with_a_wrong_csrf_token_are_refused(portal: Portal) -> None:
+    await portal.login("dora", "dora-password")
+    await portal.csrf()
+    for extra in ({}, {"csrf_token": "not-the-token"}, {"csrf_token": ""}):
+        r = await portal.client.post("/portal/keys/create",
+                                     data={"name": "sneaky", "expires": "30d", **extra})
+        assert r.status_code == 403 and "CSRF" in r.text
+        assert r.headers["content-type"].startswith("text/html")
+    keys = await portal.client.get("/portal/keys")
+    assert "sneaky" not in keys.text
+
+
+async def test_a_session_past_its_expiry_is_refused(portal: Portal) -> None:
+    await portal.login("dora", "dora-password")
+    token = await portal.csrf()
+    with portal.app.engine.begin() as c:
+        c.execute(update(portal_sessions).values(expires_at=repo.utcnow()))
+    r = await portal.client.get("/portal/keys")
+    assert r.status_code == 303 and r.headers["location"] == "/portal/login"
+    r = await portal.client.post("/portal/keys/create",
+                                 data={"name": "late", "expires": "30d", "csrf_token": token})
+    assert r.status_code == 401 and "sign in again" in r.text
+
+
+async def test_sign_out_ends_the_session(portal: Portal) -> None:
+    await portal.login("dora", "dora-password")
+    sid = portal.client.cookies["fleetgate_session"]
+    token = await portal.csrf()
+    r = await portal.client.post("/portal/logout", data={"csrf_token": token})
+    assert r.status_code == 303 and r.headers["location"] == "/portal/login"
+    assert "Max-Age=0" in r.headers["set-cookie"]
+    again = await portal.client.get("/portal/", headers=session(sid))
+    assert again.status_code == 303
+
+
+async def test_no_session_redirects_to_sign_in_and_root_redirects_to_the_portal(
+    portal: Portal,
+) -> None:
+    assert (await portal.client.get("/portal/usage")).headers["location"] == "/portal/login"
+    root = await portal.client.get("/")
+    assert root.status_code == 303 and root.headers["location"] == "/portal/"
+    # The API keeps its own JSON errors.
+    api = await portal.client.get("/v1/fleet/status")
+    assert api.status_code == 401 and api.json()["error"]["code"] == "missing_api_key"
+
+
+# -- admin pages --------------------------------------------------------------------------------
+
+def admin_paths(app: Gateway) -> list[tuple[str, str]]:
+    return [(r.method, r.path) for r in app.router.routes if r.path.startswith("/portal/admin/")
+            ] + [("POST", "/portal/models/stop")]
+
+
+async def test_a_user_is_refused_every_admin_page(portal: Portal) -> None:
+    await portal.login("dora", "dora-password")
+    token = await portal.csrf()
+    paths = admin_paths(portal.app)
+    assert len(paths) >= 6
+    for method, path in paths:
+        if method == "GET":
+            r = await portal.client.get(path)
+        else:
+            r = await portal.client.post(path, data={"csrf_token": token, "model": "sim"})
+        assert r.status_code == 403, (method, path)
+        assert r.headers["content-type"].startswith("text/html")
+    denied = [e for e in audit.list_entries(portal.ctx, limit=100) if e.outcome == "denied"]
+    assert {e.object_id for e in denied} >= {p for m, p in paths if m == "GET"}
+
+
+async def test_an_admin_sees_every_admin_page(portal: Portal) -> None:
+    await portal.login("admin", "admin-password")
+    for method, path in admin_paths(portal.app):
+        if method == "GET":
+            r = await portal.client.get(path)
+            assert r.status_code == 200, path
+    users = await portal.client.get("/portal/admin/users")
+    assert "dora" in users.text and "research" in users.text
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+async def test_a_new_key_is_shown_once_and_works(portal: Portal) -> None:
+    await portal.login("alice", "alice-pw")
+    token = await portal.csrf()
+    r = await portal.client.post("/portal/keys/create",
+                                 data={"name": "laptop", "expires": "30d", "csrf_token": token})
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    key = re.search(r'id="new-key">(fg-[^<]+)<', r.text).group(1)  # type: ignore[union-attr]
+    chat = await portal.client.post(
+        "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+        json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert chat.status_code == 200
+    later = await portal.client.get("/portal/keys")
+    assert key not in later.text and "laptop" in later.text and key[:9] in later.text
+
+
+async def test_a_user_cannot_revoke_someone_elses_key(portal: Portal) -> None:
+    from fleetgate.services import keys as key_svc
+
+    _, rec = key_svc.create_key(portal.ctx, name="doras", user="dora")
+    await portal.login("alice", "alice-pw")
+    token = await portal.csrf()
+    r = await portal.client.post("/portal/keys/revoke",
+                                 data={"id": str(rec.id), "csrf_token": token})
+    assert r.status_code == 404
+    assert key_svc.get_key(portal.ctx, rec.id).status == "active"
+
+
+# -- LDAP accounts ------------------------------------------------------------------------------
+
+async def test_first_ldap_sign_in_makes_the_user_with_mapped_groups(portal: Portal) -> None:
+    assert (await portal.login("alice", "alice-pw")).status_code == 303
+    u = user_svc.get_user(portal.ctx, "alice")
+    assert u.source == "ldap" and u.role == "user" and set(u.groups) == {"research", "gpu"}
+    models = await portal.client.get("/portal/")
+    assert "<code>sim</code>" in models.text and "<code>other</code>" in models.text
+
+
+async def test_mapped_groups_follow_the_directory_and_manual_ones_stay(
+    portal: Portal, slapd: Slapd
+) -> None:
+    await portal.login("alice", "alice-pw")
+    user_svc.update_user(portal.ctx, "alice", add_groups=["manual"])
+    # The directory mapping changes: gpu-power no longer maps to anything.
+    narrower = ldap_doc(slapd, group_map={ldap_doc(slapd)["required_group"]: "research"})
+    s = portal.app.settings.model_copy(
+        update={"ldap": type(portal.app.settings.ldap).model_validate(narrower)})
+    from fleetgate.auth.ldap import Directory
+
+    ident = Directory(s.ldap).authenticate("alice", "alice-pw")  # type: ignore[arg-type]
+    u = accounts.ldap_signin(Context(portal.app.engine, s), ident)
+    assert set(u.groups) == {"research", "manual"}
+
+
+async def test_required_group_refuses_everyone_outside_it(portal: Portal) -> None:
+    r = await portal.login("bob", "bob-pw")
+    assert r.status_code == 403 and "not in the group" in r.text
+    assert "fleetgate_session=" not in r.headers.get("set-cookie", "")
+
+
+async def test_an_ldap_sign_in_never_reaches_an_unlinked_local_account(portal: Portal) -> None:
+    # The directory has an 'admin' entry; FleetGate's built-in 'admin' is a local admin.
+    r = await portal.login("admin", "admin-pw")
+    assert r.status_code == 403 and "--link-ldap" in r.text
+    assert user_svc.get_user(portal.ctx, "admin").source == "local"
+    accounts.link_ldap(portal.ctx, "admin")
+    assert (await portal.login("admin", "admin-pw")).status_code == 303
+
+
+async def test_an_empty_password_never_reaches_a_bind(portal: Portal, slapd: Slapd) -> None:
+    def binds() -> int:
+        return slapd.log_text().count('BIND dn="uid=carol,')
+
+    before = binds()
+    r = await portal.login("carol", "")
+    assert r.status_code == 401
+    await asyncio.sleep(0.05)
+    assert binds() == before
+    assert (await portal.login("carol", "carol-pw")).status_code == 303
+    await asyncio.sleep(0.05)
+    assert binds() > before  # the check above would have seen one
+
+
+@pytest.mark.parametrize("name", ["*)(uid=*", "admin)(|(uid=*", "alice\x00", "*"])
+async def test_injection_user_names_sign_nobody_in(portal: Portal, name: str) -> None:
+    r = await portal.login(name, "alice-pw")
+    assert r.status_code == 401 and GENERIC_REFUSAL in r.text
+    assert {u.name for u in user_svc.list_users(portal.ctx)} == {"default", "admin", "dora"}
+
+
+async def test_a_directory_that_is_down_gives_a_clear_message(
+    tmp_path: Path, sim_url: str, slapd: Slapd
+) -> None:
+    s = portal_settings(tmp_path, sim_url, slapd, url=f"ldaps://localhost:{free_port()}")
+    async for p in _portal(create_app(s)):
+        r = await p.login("alice", "alice-pw")
+        assert r.status_code == 503 and "directory can" in r.text
+
+
+async def test_a_silent_directory_times_out_with_a_message(
+    tmp_path: Path, sim_url: str, slapd: Slapd
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"ldaps://localhost:{silent.getsockname()[1]}"
+        s = portal_settings(tmp_path, sim_url, slapd, url=url, timeout_s=1)
+        async for p in _portal(create_app(s)):
+            r = await p.login("alice", "alice-pw")
+            assert r.status_code == 503 and "did not answer in time" in r.text
+            # The event loop was never blocked: another page answered meanwhile.
+            assert (await p.client.get("/portal/login")).status_code == 200
