@@ -114,7 +114,7 @@ class Router:
         return route, params
 
     def _match_template(self, path: str) -> tuple[dict[str, Route] | None, dict[str, str]]:
-        parts = path.strip("/").split("/")
+        parts = path.split("/")[1:] if path.startswith("/") else []  # no slash trimmed: 404
         for tmpl, methods in self._templates:
             if len(tmpl) != len(parts):
                 continue
