@@ -77,10 +77,11 @@ async def test_success_headers_report_the_most_restrictive(backend: Backend) -> 
     g = await take(backend, checks, 500)
     assert g.headers["x-ratelimit-limit-requests"] == "5"
     assert g.headers["x-ratelimit-remaining-requests"] == "4"
-    assert re.fullmatch(r"1[12](\.\d+)?s", g.headers["x-ratelimit-reset-requests"])  # 12 s
+    # 12 s and 15 s to full; Redis's clock has moved on a little since the take.
+    assert re.fullmatch(r"1[0-2](\.\d+)?s", g.headers["x-ratelimit-reset-requests"])
     assert g.headers["x-ratelimit-limit-tokens"] == "2000"
     assert g.headers["x-ratelimit-remaining-tokens"] == "1500"
-    assert re.fullmatch(r"1[45](\.\d+)?s", g.headers["x-ratelimit-reset-tokens"])  # 15 s
+    assert re.fullmatch(r"1[3-5](\.\d+)?s", g.headers["x-ratelimit-reset-tokens"])
 
 
 async def test_tpm_settles_to_real_usage(backend: Backend) -> None:
@@ -92,7 +93,8 @@ async def test_tpm_settles_to_real_usage(backend: Backend) -> None:
     g.settle(60, 40)  # a second settle changes nothing
     await flushed(backend)
     g2 = await take(backend, checks, 600)
-    assert int(g2.headers["x-ratelimit-remaining-tokens"]) in (300, 301)
+    # 1000 - 600 + 500 - 600, plus what refilled meanwhile on Redis's clock (17 a second).
+    assert 300 <= int(g2.headers["x-ratelimit-remaining-tokens"]) <= 320
 
 
 async def test_all_or_nothing(backend: Backend) -> None:
