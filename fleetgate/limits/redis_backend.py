@@ -118,8 +118,8 @@ class RedisBackend(Backend):
         self.settle_ids = itertools.count()
         self._periods_now = quotas.PeriodKeys()
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_log = -math.inf
-        self._unlogged = 0
+        # kind of trouble -> (when last logged, how many since): each kind rate-limited alone.
+        self._logged: dict[str, tuple[float, int]] = {}
         self._closed = False
 
     # -- connection and the tasks beside the data plane -----------------------------------------
@@ -186,7 +186,7 @@ class RedisBackend(Backend):
             try:
                 await self._heartbeat_once()
             except (RedisError, OSError) as e:
-                self._loud(f"cannot refresh this process's liveness key in Redis: {e}")
+                self._loud("heartbeat", f"cannot refresh this process's liveness key in Redis: {e}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.process_ttl_s / 3)
 
@@ -194,7 +194,7 @@ class RedisBackend(Backend):
         if len(self._pending) >= self._max_pending:
             # Bounded: with Redis gone for long, its counters are wrong anyway (fail closed
             # refuses everything; fail open counts nothing).
-            self._loud("too many settles pending (Redis unreachable?): dropping this one")
+            self._loud("dropped", "too many settles pending (Redis unreachable?): dropping this one")
             return
         self._pending.append((keys, args))
         self._wake.set()
@@ -225,21 +225,21 @@ class RedisBackend(Backend):
                 await self.flush()
                 backoff = 0.05
             except (RedisError, OSError) as e:
-                self._loud(f"cannot settle {len(self._pending)} requests in Redis yet: {e}")
+                self._loud("settle", f"cannot settle {len(self._pending)} requests in Redis yet: {e}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(2.0, backoff * 2)
                 self._wake.set()
 
-    def _loud(self, message: str) -> None:
+    def _loud(self, kind: str, message: str) -> None:
         now = time.monotonic()
-        if now - self._last_log >= self.log_every_s:
-            extra = f" ({self._unlogged} more like it since the last report)" if self._unlogged else ""
+        last, since = self._logged.get(kind, (-math.inf, 0))
+        if now - last >= self.log_every_s:
+            extra = f" ({since} more like it since the last report)" if since else ""
             log.error("limits (redis %s): %s%s", self.process_id, message, extra)
-            self._last_log = now
-            self._unlogged = 0
+            self._logged[kind] = (now, 0)
         else:
-            self._unlogged += 1
+            self._logged[kind] = (last, since + 1)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -277,9 +277,9 @@ class RedisBackend(Backend):
             r = await self._admit(keys=bkeys + qkeys + ckeys, args=args)
         except (RedisError, OSError) as e:
             if self.fail_open:
-                self._loud(f"Redis unreachable, letting requests through UNCOUNTED: {e}")
+                self._loud("admit", f"Redis unreachable, letting requests through UNCOUNTED: {e}")
                 return NO_LIMITS
-            self._loud(f"Redis unreachable, refusing requests (fail closed): {e}")
+            self._loud("admit", f"Redis unreachable, refusing requests (fail closed): {e}")
             raise LimitsUnavailable(
                 "The gateway can't reach its limits store; try again shortly.", retry_after=2
             ) from None
