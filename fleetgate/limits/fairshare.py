@@ -17,6 +17,8 @@ and nobody waits; otherwise it queues, bounded by ``max_queue`` (full: 503 ``que
 Retry-After) and ``queue_timeout_s`` (503 ``queue_timeout``). A waiter that is cancelled (its
 client left) leaves the queue, or, if a slot was handed to it in the same instant, gives the
 slot back: nothing leaks. One future per waiter, no task per request.
+A caller that runs the wait as a task of its own (to send keep-alives meanwhile) calls
+:func:`abandon` on it when its client leaves.
 
 Fair share is kept per gateway process: with ``--workers N`` each worker orders its own queue.
 """
@@ -145,6 +147,18 @@ class Slot:
         if self._held:
             self._held = False
             self._gate._release()
+
+
+def abandon(waiting: asyncio.Future[Slot]) -> None:
+    """The client of a waiter running as a task/future (``ensure_future(gate.acquire(...))``)
+    left: cancel the wait, or, if the slot was already handed over, give it back.
+
+    Without this, a wait that finished just as the client left would keep its slot forever.
+    """
+    if not waiting.done():
+        waiting.cancel()
+    elif not waiting.cancelled() and waiting.exception() is None:
+        waiting.result().release()
 
 
 class FairGate:

@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from fleetgate.errors import Unavailable
-from fleetgate.limits.fairshare import FairGate, Scheduler, weight_for
+from fleetgate.limits.fairshare import FairGate, Scheduler, abandon, weight_for
 
 ORDER = [
     # (name, policy, pushes as (user, weight), pops before the last push, want order)
@@ -280,3 +280,28 @@ async def test_gate_more_slots_dispatch_waiters() -> None:
     for s in slots:
         s.release()
     assert gate.in_flight == 0
+
+
+async def test_abandon_a_wait_running_as_a_task() -> None:
+    """The caller waits in a task of its own (keep-alives meanwhile); its client leaves."""
+    gate = FairGate(slots=1)
+    slot = await gate.acquire("a")
+    still_waiting = asyncio.ensure_future(gate.acquire("b"))
+    await settle()
+    abandon(still_waiting)
+    await settle()
+    assert gate.waiting == 0
+    slot.release()
+    assert gate.in_flight == 0
+    # The slot came just before the client left: abandoning gives it back.
+    granted = asyncio.ensure_future(gate.acquire("c"))
+    await settle()
+    assert granted.done() and gate.in_flight == 1
+    abandon(granted)
+    assert gate.in_flight == 0
+    # A wait that ended in a refusal has nothing to give back.
+    full = FairGate(slots=0, max_queue=0)
+    refused = asyncio.ensure_future(full.acquire("d"))
+    await settle()
+    abandon(refused)
+    assert isinstance(refused.exception(), Unavailable)
