@@ -40,7 +40,8 @@ def stacked_bars(bars: Sequence[Bar], days: Sequence[dt.date], title: str) -> st
     for b in bars:
         per[(b.day, b.model)] = per.get((b.day, b.model), 0) + b.tokens
     totals = [sum(per.get((d, m), 0) for m in models) for d in days]
-    top = _nice(max(totals, default=0) or 1)
+    step = _nice(-(-(max(totals, default=0) or 1) // 4))  # four even steps up the axis
+    top = step * 4
     w, h, left, bottom, pad = 720, 260, 64, 36, 10
     plot_w, plot_h = w - left - pad, h - bottom - pad
     bw = plot_w / max(len(days), 1)
@@ -52,7 +53,7 @@ def stacked_bars(bars: Sequence[Bar], days: Sequence[dt.date], title: str) -> st
         f'the table below lists the same numbers.</desc>',
     ]
     for i in range(5):  # grid lines and the axis labels
-        v = top * i // 4
+        v = step * i
         y = pad + plot_h - plot_h * i / 4
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{w - pad}" y2="{y:.1f}" '
                    f'stroke="#ccc" stroke-width="1"/>')

@@ -12,7 +12,7 @@ import datetime as dt
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Date, cast, func, or_, select
+from sqlalchemy import String, func, or_, select
 
 from fleetgate.limits import quotas
 from fleetgate.services import Context
@@ -55,7 +55,8 @@ def per_day(ctx: Context, *, user_id: int | None = None, days: int = 30) -> list
     days = max(1, min(days, MAX_DAYS))
     since = repo.utcnow().replace(hour=0, minute=0, second=0, microsecond=0) - dt.timedelta(
         days=days - 1)
-    day = cast(usage_events.c.created_at, Date).label("day")
+    # date() exists in SQLite (text) and PostgreSQL (a date); CAST AS DATE is a number in SQLite.
+    day = func.date(usage_events.c.created_at, type_=String).label("day")
     owner = _owner()
     q = (
         select(day, users.c.name, usage_events.c.model, func.count(),
@@ -74,8 +75,7 @@ def per_day(ctx: Context, *, user_id: int | None = None, days: int = 30) -> list
         rows = conn.execute(q).all()
     out = []
     for d, name, model, n, p, c in rows:
-        if isinstance(d, str):  # SQLite hands the CAST back as text
-            d = dt.date.fromisoformat(d[:10])
+        d = dt.date.fromisoformat(str(d)[:10])
         out.append(DayUsage(d, name or "-", model, int(n), int(p), int(c)))
     return out
 

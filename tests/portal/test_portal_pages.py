@@ -247,6 +247,12 @@ async def test_a_new_key_is_shown_once_and_works(portal: Portal) -> None:
     assert chat.status_code == 200
     later = await portal.client.get("/portal/keys")
     assert key not in later.text and "laptop" in later.text and key[:9] in later.text
+    await portal.app.usage.flush()
+    usage = await portal.client.get("/portal/usage")
+    assert usage.status_code == 200 and "<svg" in usage.text
+    row = re.search(r"<td><code>sim</code></td><td>(\d+)</td><td>(\d+)</td><td>(\d+)</td>",
+                    usage.text)
+    assert row is not None and row.group(1) == "1" and int(row.group(3)) > 0
 
 
 async def test_a_user_cannot_revoke_someone_elses_key(portal: Portal) -> None:
