@@ -26,6 +26,11 @@ command -v sbatch >/dev/null || missing+=(slurm-client)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 # tests/test_deploy.py validates compose.yaml with `docker-compose config` (no engine needed).
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+# tests/portal: a real OpenLDAP server (slapd, ldap-utils) and a real browser (Debian's chromium,
+# driven by Playwright from PyPI; a downloaded browser can't be fetched here).
+[ -x /usr/sbin/slapd ] || missing+=(slapd)
+command -v ldapsearch >/dev/null || missing+=(ldap-utils)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq

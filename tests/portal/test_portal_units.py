@@ -103,3 +103,18 @@ def test_the_search_bind_password_is_redacted(tmp_path) -> None:
                    "bind_password: 'very-secret-reader'}\n")
     config.load(cfg)
     assert "very-secret-reader" not in redact.redact("bind with very-secret-reader")
+
+
+def test_every_portal_route_is_documented(tmp_path) -> None:
+    from pathlib import Path
+
+    from fleetgate.app import create_app
+
+    app = create_app(parse({"store": {"url": f"sqlite:///{tmp_path / 'fg.db'}"},
+                            "portal": {"enabled": True}}))
+    docs = Path(__file__).resolve().parents[2] / "docs" / "portal.md"
+    text = docs.read_text()
+    portal = [r for r in app.router.routes if r.path == "/" or r.path.startswith("/portal")]
+    assert len(portal) > 15
+    missing = [f"{r.method} {r.path}" for r in portal if f"`{r.method} {r.path}`" not in text]
+    assert not missing, f"undocumented portal routes: {missing}"
