@@ -53,8 +53,12 @@ class Running:
 
 def fleetgate_config(workdir: Path, upstream: str, *, upstream_max_connections: int = 1000,
                      db_name: str = "fleetgate.db") -> Path:
+    # The server's connection cap (server.http.max_connections, 10,000 by default) must not be
+    # what a many-streams scenario measures: keep it above the streams it opens.
+    http = {"max_connections": max(10_000, upstream_max_connections + 1_000)}
     doc = {
-        "server": {"host": "127.0.0.1", "upstream_max_connections": upstream_max_connections},
+        "server": {"host": "127.0.0.1", "upstream_max_connections": upstream_max_connections,
+                   "http": http},
         "auth": {"mode": "keys"},
         "store": {"url": f"sqlite:///{workdir / db_name}"},
         "models": [{"name": MODEL, "backend": {"type": "static", "urls": [upstream]}}],
