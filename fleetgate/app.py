@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
@@ -32,10 +33,14 @@ from fleetgate.dataplane.pipeline import Pipeline
 from fleetgate.dataplane.routes import RouteTable
 from fleetgate.errors import GatewayError
 from fleetgate.fleet.pool import Pool
+from fleetgate.fleet.templates import Templates
 from fleetgate.limits.backend import create as create_backend
 from fleetgate.proxy.client import Upstream
 from fleetgate.store.db import migrate, open_engine
 from fleetgate.store.usage_writer import UsageWriter
+
+if TYPE_CHECKING:
+    from fleetgate.portal.routes import PortalRoutes
 
 log = logging.getLogger("fleetgate")
 
@@ -51,6 +56,9 @@ class Gateway:
         self.upstream = Upstream(settings.server)
         self.usage = UsageWriter(self.engine)
         self.models = RouteTable.from_models(settings.models)
+        self.templates = Templates(
+            settings.templates, self.pool, self.models, settings.fleet.control_interval_s
+        )
         lim = settings.limits
         self.limits = create_backend(
             lim.backend,
@@ -65,8 +73,10 @@ class Gateway:
             usage=self.usage,
             max_body_bytes=settings.server.max_body_bytes,
             admitter=Admitter(self.limits),
+            unknown_model=self.templates.route_for if self.templates else None,
         )
         self.admin = AdminRoutes(self.engine, settings) if settings.auth.mode == "keys" else None
+        self.portal: PortalRoutes | None = None  # set by build_routes when portal.enabled
         self.router = Router(
             self.build_routes(),
             self.authn.authenticate,
@@ -85,7 +95,7 @@ class Gateway:
             *OpenAIRoutes(
                 self.pipeline, public_models_list=self.settings.server.public_models_list
             ).routes(),
-            *FleetRoutes(self.pool).routes(),
+            *FleetRoutes(self.pool, self.templates).routes(),
             *CallbackRoutes(self.pool.control).routes(),  # public: one-time job tokens
             # Users, groups and keys live in the store: only key mode has them.
             *(self.admin.routes() if self.admin is not None else ()),
@@ -95,7 +105,8 @@ class Gateway:
     def _portal_routes(self) -> list[Route]:
         from fleetgate.portal.routes import PortalRoutes  # Jinja2 and ldap3 only when enabled
 
-        return PortalRoutes(self.engine, self.settings, self.pool).routes()
+        self.portal = PortalRoutes(self.engine, self.settings, self.pool)
+        return self.portal.routes()
 
     # -- public routes --------------------------------------------------------------------------
 
@@ -129,6 +140,8 @@ class Gateway:
             asyncio.create_task(self.authn.run_refresher(), name="key-refresher"),
             asyncio.create_task(self.usage.run(), name="usage-writer"),
         ]
+        if self.templates:
+            self._tasks.append(asyncio.create_task(self.templates.run(), name="templates"))
         self.started = True
 
     async def shutdown(self) -> None:
@@ -162,6 +175,9 @@ class Gateway:
         except GatewayError as e:
             if e.status >= 500:
                 self._log_server_error(e)
+            if self.portal is not None and scope["path"].startswith("/portal"):
+                await self.portal.error_page(scope, send, e)  # a browser's page, not JSON
+                return
             await send_error(send, e)
         except ConnectionAbortedError:
             return

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from dotenv import dotenv_values
@@ -21,14 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleetgate import redact
 from fleetgate.errors import ConfigError
+from fleetgate.fleet.backend_base import template_slots
 from fleetgate.fleet.spec import (
     BACKEND_TYPES,
     Backend,
     BalancerPolicy,
     ColdStartPolicy,
     FleetSettings,
+    LocalBackend,
     RestartPolicy,
     ScalingPolicy,
+    SlurmBackend,
 )
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -197,6 +200,63 @@ class ModelSettings(_Model):
         return self.served_name or self.name
 
 
+#: What a template's backend holds in ``model_path`` until a request names the real one (it
+#: passes every backend's path check; :mod:`fleetgate.fleet.templates` replaces it).
+TEMPLATE_PATH_PLACEHOLDER = "model_path"
+
+TemplateBackend = Annotated[LocalBackend | SlurmBackend, Field(discriminator="type")]
+
+
+class TemplateSettings(_Model):
+    """A recipe for models started on request (``templates[]``, see docs/templates.md).
+
+    The backend is the admin's: a request chooses the model path (matched against ``match``)
+    and nothing else. ``{model_path}`` in the command is where the path goes, as one argument.
+    """
+
+    name: str = Field(min_length=1, max_length=100)
+    match: tuple[str, ...] = Field(min_length=1)
+    backend: TemplateBackend
+    scaling: ScalingPolicy = ScalingPolicy()
+    cold_start: ColdStartPolicy = ColdStartPolicy()
+    balancer: BalancerPolicy = BalancerPolicy()
+    restart: RestartPolicy = RestartPolicy()
+    limits: ModelLimits = ModelLimits()
+    admission: AdmissionPolicy = AdmissionPolicy()
+    api_key: str | None = Field(default=None, repr=False)
+    max_models: int = Field(1, ge=1, le=1000)
+    launch: tuple[str, ...] = ()
+
+    _api_key_safe = field_validator("api_key")(ModelSettings._header_safe.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not p or len(p) > 200 or any(c.isspace() or not c.isprintable() for c in p):
+                raise ValueError(f"{p!r} is not a model path pattern")
+        return v
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _path_from_request(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            if "model_path" in v:
+                raise ValueError(
+                    "a template's backend takes model_path from the request: remove model_path"
+                )
+            v = {**v, "model_path": TEMPLATE_PATH_PLACEHOLDER}
+        return v
+
+    @model_validator(mode="after")
+    def _command_takes_path(self) -> TemplateSettings:
+        cmd = self.backend.command
+        parts = [cmd] if isinstance(cmd, str) else list(cmd)
+        if not any("model_path" in template_slots(p) for p in parts):
+            raise ValueError("backend.command must contain the {model_path} slot")
+        return self
+
+
 class PortalSettings(_Model):
     """The web portal (``/portal/``): off by default; needs ``auth.mode: keys``."""
 
@@ -262,6 +322,7 @@ class Settings(_Model):
     fleet: FleetSettings = FleetSettings()
     limits: LimitsSettings = LimitsSettings()
     models: tuple[ModelSettings, ...] = ()
+    templates: tuple[TemplateSettings, ...] = ()
     portal: PortalSettings = PortalSettings()
     ldap: LdapSettings | None = None
 
@@ -278,6 +339,10 @@ class Settings(_Model):
             if m.name in seen:
                 raise ValueError(f"model name {m.name!r} appears twice")
             seen.add(m.name)
+        names = [t.name for t in self.templates]
+        for n in names:
+            if names.count(n) > 1:
+                raise ValueError(f"template name {n!r} appears twice")
         return self
 
     def model(self, name: str) -> ModelSettings | None:
@@ -368,6 +433,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(e.problems, str(p)) from None
     # From here on, every secret this config holds is masked in whatever this process logs.
     redact.register_settings(settings)
+    redact.register([t.api_key for t in settings.templates])
     if settings.ldap is not None and settings.ldap.search is not None:
         redact.register([settings.ldap.search.bind_password])
     return settings

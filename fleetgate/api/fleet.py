@@ -1,6 +1,6 @@
 """The fleet's HTTP surface, thin: parse, call :mod:`fleetgate.fleet.api_handlers`.
 
-``/v1/fleet/*`` need a key (what each caller may do is decided by ``api_handlers``);
+``/v1/fleet/*`` and ``/up`` (vLLM Autoserve's name for ``/v1/fleet/up``) need a key (what each caller may do is decided by ``api_handlers``);
 ``/metrics`` needs an admin key: it names replicas, states and failure counts.
 """
 
@@ -16,6 +16,7 @@ from fleetgate.api.routing import Request, Route
 from fleetgate.errors import InvalidRequest
 from fleetgate.fleet import api_handlers
 from fleetgate.fleet.pool import Pool
+from fleetgate.fleet.templates import Templates
 
 _FLEET_BODY_LIMIT = 64 * 1024
 
@@ -29,11 +30,14 @@ async def json_body(req: Request, limit: int = _FLEET_BODY_LIMIT) -> Any:
 
 
 class FleetRoutes:
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, templates: Templates | None = None) -> None:
         self.pool = pool
+        self.templates = templates
 
     async def up(self, req: Request) -> None:
-        status, doc = await api_handlers.fleet_up(self.pool, req.caller, await json_body(req))
+        status, doc = await api_handlers.fleet_up(
+            self.pool, req.caller, await json_body(req), self.templates
+        )
         await send_json(req.send, status, doc)
 
     async def down(self, req: Request) -> None:
@@ -42,7 +46,7 @@ class FleetRoutes:
 
     async def status(self, req: Request) -> None:
         model = req.query().get("model", [None])[0]
-        code, doc = await api_handlers.fleet_status(self.pool, req.caller, model)
+        code, doc = await api_handlers.fleet_status(self.pool, req.caller, model, self.templates)
         await send_json(req.send, code, doc)
 
     async def metrics(self, req: Request) -> None:
@@ -61,6 +65,7 @@ class FleetRoutes:
     def routes(self) -> list[Route]:
         return [
             Route("POST", "/v1/fleet/up", self.up, "key", "Start a model (or keep it running)."),
+            Route("POST", "/up", self.up, "key", "Start a model: /v1/fleet/up by Autoserve's name."),
             Route("POST", "/v1/fleet/down", self.down, "key", "Drain and stop a model."),
             Route("GET", "/v1/fleet/status", self.status, "key", "Models and replicas."),
             Route("GET", "/metrics", self.metrics, "admin", "Prometheus metrics."),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fleetgate.api.asgi import Receive, Scope, Send, read_body
@@ -52,7 +53,7 @@ from fleetgate.fleet.balancer import affinity_key
 from fleetgate.fleet.pool import Lease, Pool
 from fleetgate.limits.backend import Grant
 from fleetgate.limits.backend import create as create_backend
-from fleetgate.limits.fairshare import Slot
+from fleetgate.limits.fairshare import Slot, abandon
 from fleetgate.proxy.client import ClientGone, Upstream
 from fleetgate.proxy.relay import relay_stream, relay_whole
 from fleetgate.proxy.usage_tap import UsageTap
@@ -71,7 +72,11 @@ class Pipeline:
         usage: UsageWriter,
         max_body_bytes: int,
         admitter: Admitter | None = None,
+        unknown_model: Callable[[Principal, str], ModelRoute] | None = None,
     ) -> None:
+        # A model name not in the table: started from a template (fleet/templates.py), or an
+        # error of its own; None: 404.
+        self.unknown_model = unknown_model
         self.admitter = admitter if admitter is not None else Admitter(create_backend("memory"))
         self.authn = authn
         self.routes = routes
@@ -93,6 +98,8 @@ class Pipeline:
         """The request's route, if the model exists (404) and the caller may use it (403)."""
         route = self.routes.get(req.model)
         if route is None:
+            if self.unknown_model is not None:
+                return self.unknown_model(principal, req.model)
             raise ModelNotFound(f"The model '{req.model[:200]}' does not exist.", param="model")
         if not principal.allows(route.name):
             raise PermissionDenied(
@@ -120,9 +127,16 @@ class Pipeline:
         if slot is not None:
             return slot
         waiting = asyncio.ensure_future(gate.acquire(principal.user, principal.weight))
-        return await wait_with_keepalive(
-            waiting, head, gone, self.pool.keepalive_s(route.name), what=QUEUED
-        )
+        try:
+            slot = await wait_with_keepalive(
+                waiting, head, gone, self.pool.keepalive_s(route.name), what=QUEUED
+            )
+        except BaseException:
+            abandon(waiting)
+            raise
+        if slot is None:  # the client left; a slot handed over at that instant goes back
+            abandon(waiting)
+        return slot
 
     async def acquire(
         self,

@@ -5,13 +5,18 @@ and the parsed JSON body, and returns ``(status, json_dict)``. Errors are raised
 :class:`~fleetgate.errors.GatewayError` subclasses, so the one envelope handler renders them.
 None of them waits: ``up`` asks the controller and answers at once.
 
-* ``POST /v1/fleet/up``   ``{"model": NAME}`` -> ``{"model", "status": pending|starting|healthy}``
+* ``POST /v1/fleet/up``   ``{"model": NAME}`` -> ``{"model", "status": pending|starting|healthy}``;
+  ``{"model_path": PATH}`` (or a ``model`` that isn't configured) starts a model from a template
+  (:mod:`fleetgate.fleet.templates`) -> ``{"status", "model", "detail"}``. ``POST /up`` is the
+  same (vLLM Autoserve's route).
 * ``POST /v1/fleet/down`` ``{"model": NAME}`` -> ``{"model", "status"}``
 * ``GET /v1/fleet/status`` (optional ``model``) -> :func:`fleetgate.fleet.status.snapshot`,
   limited to the models the caller's key may use (an admin key's model list narrows it too);
   internals (pids, URLs, log lines) only for admins.
 
-Who may call ``up``/``down`` is ``fleet.up_access`` / ``fleet.down_access``.
+Who may call ``up``/``down`` on a configured model is ``fleet.up_access`` /
+``fleet.down_access``; who may start a template's model is the template's ``launch`` groups
+(and admins).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from fleetgate.auth.principals import Principal
 from fleetgate.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from fleetgate.fleet.pool import Pool
 from fleetgate.fleet.status import snapshot
+from fleetgate.fleet.templates import Templates, check_path
 
 
 def _model(pool: Pool, principal: Principal, body: Any, access: str, verb: str) -> str:
@@ -42,7 +48,16 @@ def _model(pool: Pool, principal: Principal, body: Any, access: str, verb: str) 
     return name
 
 
-async def fleet_up(pool: Pool, principal: Principal, body: Any) -> tuple[int, dict[str, Any]]:
+async def fleet_up(
+    pool: Pool, principal: Principal, body: Any, templates: Templates | None = None
+) -> tuple[int, dict[str, Any]]:
+    if isinstance(body, dict) and templates:
+        name = body.get("model_path", body.get("model"))
+        dynamic = name in templates.dynamic or name in templates.leaving
+        if "model_path" in body or dynamic or (isinstance(name, str) and name not in pool.groups):
+            if "model_path" in body and "model" in body and body["model"] != name:
+                raise InvalidRequest("Give 'model_path' or 'model', not both.", param="model")
+            return 200, templates.up(principal, check_path(name, templates.absolute_ok))
     name = _model(pool, principal, body, pool.fleet.up_access, "start")
     return 200, {"model": name, "status": pool.up(name)}
 
@@ -53,7 +68,7 @@ async def fleet_down(pool: Pool, principal: Principal, body: Any) -> tuple[int, 
 
 
 async def fleet_status(
-    pool: Pool, principal: Principal, model: str | None = None
+    pool: Pool, principal: Principal, model: str | None = None, templates: Templates | None = None
 ) -> tuple[int, dict[str, Any]]:
     names = [n for n in pool.groups if principal.allows(n)]
     if model is not None:
@@ -61,12 +76,19 @@ async def fleet_status(
             raise ModelNotFound(f"The model '{model[:200]}' does not exist.", param="model")
         names = [model]
     snap = snapshot(pool, names)
+    dynamic = templates.dynamic if templates else {}
+    for m in snap["models"]:
+        m["dynamic"] = m["model"] in dynamic
     if not principal.admin:
         snap = redact(snap)
+    if templates:
+        snap["templates"] = templates.describe(principal)
     return 200, snap
 
 
-_PUBLIC_MODEL = ("model", "status", "backend", "ready", "inflight", "queued", "idle_s")
+_PUBLIC_MODEL = (
+    "model", "status", "backend", "ready", "inflight", "queued", "idle_s", "dynamic"
+)
 _PUBLIC_REPLICA = (
     "id", "state", "routable", "inflight", "age_s", "in_state_s", "idle_s", "note", "eta_s"
 )

@@ -11,12 +11,19 @@
 gateway runs, except those whose backend says ``keep_on_shutdown``. ``up``, ``down`` and
 ``model_status`` never wait: they ask the controller and answer at once. Nothing here knows a
 backend type by name.
+
+Models may come and go at run time (started from a template, see
+:mod:`fleetgate.fleet.templates`): :meth:`Fleet.add_group` gives a new group its controller
+(running at once if the fleet runs), :meth:`Fleet.remove_group` cancels it once its replicas
+are gone. A leftover replica of a model that isn't configured is offered to :attr:`Fleet.adopter`
+first, which may rebuild its group from a template so the replica is adopted, not stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from fleetgate.config import Settings
 from fleetgate.fleet.controller import Controller
@@ -45,12 +52,48 @@ class Fleet:
             # Every type, used or not: leftovers of a model since removed are settled too.
             self.launchers.setdefault(kind, make(self.fleet))
         self.controllers: dict[str, Controller] = {}
-        for name, g in groups.items():
-            launcher = self.launchers[g.backend_type]
-            g.passive = not launcher.manages_processes
-            self.controllers[name] = Controller(g, launcher, self.fleet, self.prober)
+        for g in groups.values():
+            self._control(g)
         self._tasks: list[asyncio.Task[None]] = []
+        self._task_of: dict[str, asyncio.Task[None]] = {}
+        self._looping = False
         self.started = False
+        # A model name -> its group rebuilt (from a template), for a leftover replica of a
+        # model that isn't configured; None: such leftovers are stopped.
+        self.adopter: Callable[[str], ModelGroup | None] | None = None
+
+    def _control(self, g: ModelGroup) -> Controller:
+        launcher = self.launchers[g.backend_type]
+        g.passive = not launcher.manages_processes
+        c = self.controllers[g.name] = Controller(g, launcher, self.fleet, self.prober)
+        return c
+
+    def _run(self, name: str, c: Controller) -> None:
+        c.step()  # static URLs are routable when start() returns
+        task = asyncio.get_running_loop().create_task(c.run(), name=f"controller {name}")
+        self._tasks.append(task)
+        self._task_of[name] = task
+
+    # --- models added and removed at run time ----------------------------------------------
+
+    def add_group(self, g: ModelGroup) -> Controller:
+        """Control a new model's group (already in :attr:`groups`); runs at once if started."""
+        self.groups[g.name] = g
+        c = self._control(g)
+        if self._looping:
+            self._run(g.name, c)
+        return c
+
+    def remove_group(self, name: str) -> None:
+        """Forget a model whose replicas are all gone: its controller stops, its group goes."""
+        task = self._task_of.pop(name, None)
+        c = self.controllers.pop(name, None)
+        if c is not None:
+            c.closed = True
+        if task is not None:
+            task.cancel()
+            self._tasks.remove(task)
+        self.groups.pop(name, None)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -59,10 +102,9 @@ class Fleet:
             return
         self.started = True
         await self._settle_leftovers()
-        loop = asyncio.get_running_loop()
-        for name, c in self.controllers.items():
-            c.step()  # static URLs are routable when start() returns
-            self._tasks.append(loop.create_task(c.run(), name=f"controller {name}"))
+        for name, c in list(self.controllers.items()):
+            self._run(name, c)
+        self._looping = True
 
     async def _settle_leftovers(self) -> None:
         for kind, launcher in self.launchers.items():
@@ -73,6 +115,11 @@ class Fleet:
                 continue
             for h in handles:
                 g = self.groups.get(h.model)
+                if g is None and self.adopter is not None:
+                    try:
+                        g = self.adopter(h.model)
+                    except Exception:
+                        log.exception("rebuilding %s from a template failed", h.model[:200])
                 why = ""
                 if self.fleet.on_leftover != "adopt":
                     why = "fleet.on_leftover is 'stop'"
@@ -96,11 +143,13 @@ class Fleet:
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop control loops, then stop (drain) launched replicas; bounded by ``timeout_s``."""
+        self._looping = False
         for t in self._tasks:
             t.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks.clear()
+        self._task_of.clear()
         jobs = []
         for name, c in self.controllers.items():
             g = self.groups[name]

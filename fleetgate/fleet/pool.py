@@ -9,7 +9,9 @@ replica), which publishes replica state here. ``acquire``, ``release`` and
 the event loop thread. Only :meth:`wait_ready` awaits, for cold-start ``wait`` mode.
 
 :meth:`Pool.start`, :meth:`Pool.stop`, ``up``, ``down`` and ``model_status`` delegate to the
-fleet (:attr:`Pool.control`), which owns launching, adoption and shutdown.
+fleet (:attr:`Pool.control`), which owns launching, adoption and shutdown. :meth:`add_model`
+and :meth:`remove_model` change the table at run time (models started from templates); they
+run on the event loop thread, as the data plane does, so a reader never sees half a change.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import time
 from typing import Literal
 
-from fleetgate.config import Settings
+from fleetgate.config import ModelSettings, Settings
 from fleetgate.errors import ModelNotFound, Unavailable
 from fleetgate.fleet.balancer import least_outstanding, pick_affinity
 from fleetgate.fleet.control import Fleet
@@ -72,6 +74,17 @@ class Pool:
             m.name: ModelGroup(m.name, m, policy_of(m)) for m in settings.models
         }
         self.control = Fleet(settings, self.groups, launchers)
+
+    # --- models added at run time ----------------------------------------------------------
+
+    def add_model(self, m: ModelSettings) -> ModelGroup:
+        """Route and control a model that isn't in the config (from a template)."""
+        g = ModelGroup(m.name, m, policy_of(m))
+        self.control.add_group(g)
+        return g
+
+    def remove_model(self, name: str) -> None:
+        self.control.remove_group(name)
 
     # --- control plane, delegated ----------------------------------------------------------
 
