@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, quote
 import jinja2
 from sqlalchemy import Engine
 
-from fleetgate.api.asgi import read_body
+from fleetgate.api.asgi import Scope, Send, read_body
 from fleetgate.api.routing import Request, Route
 from fleetgate.auth import keys as keyfmt
 from fleetgate.auth import sessions
@@ -148,10 +148,18 @@ class PortalRoutes:
         await req.send({"type": "http.response.start", "status": 303, "headers": hs})
         await req.send({"type": "http.response.body", "body": b""})
 
-    async def _error(self, req: Request, who: Principal | None, e: GatewayError) -> None:
-        await self._html(req, e.status, "error.html", who=who, csrf="", message=e.message,
+    async def _error(self, req: Request, who: Principal | None, e: GatewayError,
+                     csrf: str = "") -> None:
+        await self._html(req, e.status, "error.html", who=who, csrf=csrf, message=e.message,
                          code=e.status, headers=list(
                              (k.encode(), v.encode()) for k, v in e.headers.items()))
+
+    async def error_page(self, scope: Scope, send: Send, e: GatewayError) -> None:
+        """An error the dispatcher raised under ``/portal`` (404, 405), as an HTML page."""
+        async def nothing() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        await self._error(Request(scope, nothing, send, None), None, e)
 
     async def _form(self, req: Request) -> dict[str, str]:
         raw = await read_body(req.scope, req.receive, FORM_LIMIT)
@@ -182,6 +190,7 @@ class PortalRoutes:
               admin: bool = False) -> Callable[[Request], Awaitable[None]]:
         async def handle(req: Request) -> None:
             who: Principal | None = None
+            csrf = ""
             try:
                 found = await asyncio.to_thread(self._who, self._cookie(req, sessions.COOKIE))
                 if found is None:
@@ -202,7 +211,7 @@ class PortalRoutes:
                     raise PermissionDenied("This page is for admins.", code="admin_required")
                 await fn(Page(req, who, csrf, fields))
             except GatewayError as e:
-                await self._error(req, who, e)
+                await self._error(req, who, e, csrf)
         return handle
 
     def _admin_page(self, fn: PageHandler) -> Callable[[Request], Awaitable[None]]:

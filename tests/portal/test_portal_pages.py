@@ -351,3 +351,29 @@ async def test_a_silent_directory_times_out_with_a_message(
             assert r.status_code == 503 and "did not answer in time" in r.text
             # The event loop was never blocked: another page answered meanwhile.
             assert (await p.client.get("/portal/login")).status_code == 200
+
+
+async def test_portal_errors_are_html_and_api_errors_stay_json(portal: Portal) -> None:
+    missing = await portal.client.get("/portal/no-such-page")
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
+    wrong = await portal.client.delete("/portal/keys")
+    assert wrong.status_code == 405 and "GET" in wrong.headers["allow"]
+    assert wrong.headers["content-type"].startswith("text/html")
+    api = await portal.client.get("/v1/no-such-route")
+    assert api.status_code == 404 and api.json()["error"]["code"] == "unknown_url"
+
+
+async def test_a_user_may_start_a_model_they_may_use_and_no_other(portal: Portal) -> None:
+    await portal.login("dora", "dora-password")  # dora is in no group: no model
+    token = await portal.csrf()
+    r = await portal.client.post("/portal/models/start", data={"csrf_token": token,
+                                                               "model": "sim"})
+    assert r.status_code == 403
+    await portal.login("alice", "alice-pw")  # research: sim
+    token = await portal.csrf()
+    r = await portal.client.post("/portal/models/start", data={"csrf_token": token,
+                                                               "model": "sim"})
+    assert r.status_code == 303 and r.headers["location"] == "/portal/"
+    r = await portal.client.post("/portal/models/start", data={"csrf_token": token,
+                                                               "model": "nope"})
+    assert r.status_code == 404 and "does not exist" in r.text
