@@ -188,3 +188,38 @@ def test_several_workers_on_memory_counters_are_refused_when_limits_exist(
         check_workers(config.parse(doc), 2)  # exact across workers on Redis
     else:
         check_workers(s, 2)
+
+
+def test_queued_clients_that_leave_give_their_slots_back(tmp_path: Path, slow_sim: str) -> None:
+    """Streams waiting for a fair-share slot whose clients disconnect leave nothing behind: once
+    the running request ends, the next one is served at once (a leaked slot would keep it
+    queued until queue_timeout_s). Over real HTTP: the in-process transport can't disconnect."""
+    from helpers import create_key, free_port
+    from helpers import gateway as serve
+
+    doc = settings_for(tmp_path, slow_sim).model_dump(mode="json", exclude_none=True)
+    doc["models"][0]["admission"] = {"max_inflight_per_replica": 1, "queue_timeout_s": 5}
+    cfg = tmp_path / "gw.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(doc))
+    key = create_key(cfg, "k")
+    h = {"Authorization": f"Bearer {key}"}
+    with serve(cfg, free_port()) as url, httpx.Client(base_url=url, headers=h, timeout=30) as c:
+        import threading
+
+        done: list[int] = []
+        t = threading.Thread(target=lambda: done.append(c.post(
+            "/v1/chat/completions", json={**CHAT, "max_tokens": 40}).status_code))
+        t.start()
+        import time
+
+        time.sleep(0.5)
+        for _ in range(3):  # streams that queue, read their first comment, then leave
+            with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                first_line = next(r.iter_lines())
+                assert first_line.startswith(": waiting for a free slot")
+        t.join(30)
+        assert done == [200]
+        ok = c.post("/v1/chat/completions", json=CHAT)
+        assert ok.status_code == 200, ok.text
