@@ -40,9 +40,15 @@ _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+MAX_DURATION_S = 100 * 365 * 86400
+
+
 def parse_duration(text: str) -> dt.timedelta:
     """``30d``, ``12h``, ``90m``, ``2w``, ``45s`` -> timedelta. Raises ValueError otherwise."""
     m = _DURATION.match(text)
     if not m or int(m.group(1)) <= 0:
         raise ValueError(f"invalid duration {text!r}: use a positive number and s, m, h, d or w")
-    return dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION_S:  # past it, dates overflow (a traceback, not an answer)
+        raise ValueError(f"invalid duration {text!r}: at most 100 years")
+    return dt.timedelta(seconds=seconds)

@@ -29,12 +29,13 @@ def test_malformed_keys(bad):
 
 
 @pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400),
-                                           ("2w", 14 * 86400), ("45s", 45)])
+                                           ("2w", 14 * 86400), ("45s", 45),
+                                           ("36500d", 36500 * 86400)])
 def test_durations(text, seconds):
     assert keys.parse_duration(text) == dt.timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("text", ["", "0d", "-1d", "5y", "d", "1.5h"])
+@pytest.mark.parametrize("text", ["", "0d", "-1d", "5y", "d", "1.5h", "999999999w", "36501d"])
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         keys.parse_duration(text)
