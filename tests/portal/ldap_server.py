@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers import stop  # tests/ is on the path (tests/conftest.py)
 
 from fleetgate.localnet import free_port
 
@@ -153,10 +154,5 @@ access to * by users read by * none
             time.sleep(0.05)
         yield Slapd(f"ldaps://localhost:{ldaps}", f"ldap://localhost:{plain}", str(ca), log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc)
         logf.close()
