@@ -2,7 +2,8 @@
 
 Thin on purpose: each command is one or a few calls to ``/v1/fleet/*`` (see
 :mod:`fleetgate.fleet.api_handlers`) and prints the answer. ``up --wait`` polls
-``/v1/fleet/status`` every half second, bounded by ``--timeout``. A replica whose job still
+``/v1/fleet/status`` every half second, bounded by ``--timeout``. ``up`` takes a configured
+model's name or a model path a template matches (the gateway tells them apart). A replica whose job still
 waits in a scheduler's queue shows as ``queued (REASON)``, with the queue's estimate.
 """
 
@@ -112,6 +113,7 @@ Examples:
   fleetgate up demo                 # ask the gateway to start it; returns at once
   fleetgate up demo --wait          # show progress until it is healthy
   FLEETGATE_API_KEY=fg-... fleetgate up demo --wait --url http://gpu-host:8000
+  fleetgate up Qwen/Qwen3-8B --wait # a path an admin's template matches (docs/templates.md)
 """,
 )
 @click.argument("model")
@@ -119,7 +121,10 @@ Examples:
 @click.option("--timeout", "timeout_s", type=float, default=900.0, show_default=True)
 @_connection
 def up(model: str, wait: bool, timeout_s: float, url: str, key: str | None) -> None:
-    """Start MODEL's replicas on a running gateway (POST /v1/fleet/up)."""
+    """Start MODEL's replicas on a running gateway (POST /v1/fleet/up).
+
+    MODEL is a configured model's name, or a model path that a template matches: the gateway
+    starts it from the template and serves it under the path."""
     c = Client(url, key)
     doc = c.call("POST", "/v1/fleet/up", {"model": model})
     click.echo(f"{model}: {doc.get('status')}")

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from e2e import Fleet, Gateway, tagged_pids, until
+from e2e import FLEETGATE, Fleet, Gateway, tagged_pids, until
 from fleet_helpers import SIM, no_leaked_replicas  # noqa: F401  (autouse)
 
 SLOW = ["--ttft-ms", "0", "--tokens-per-s", "40"]  # a 60-token stream lasts 1.5 s
@@ -212,3 +212,41 @@ def test_bad_paths_are_refused_and_start_nothing(fleet: Fleet, gw: Gateway) -> N
     # Only that one replica was ever started: the gateway and it are all that run.
     assert len(tagged_pids(fleet.tag)) == before + 1
     assert len(list((fleet.state_dir.parent / "logs").rglob("*.log"))) == 1
+
+
+def test_cli_up_wait_and_a_restarted_gateway_adopts_the_replica(fleet: Fleet) -> None:
+    doc = fleet.config([])
+    kept = sim_template("kept", ["org/*"], scaling={"idle_timeout_s": 120})
+    kept["backend"]["keep_on_shutdown"] = True
+    doc["templates"] = [kept]
+    first = fleet.gateway(doc)
+
+    # `fleetgate up PATH --wait`: live progress, then done once healthy.
+    out = subprocess.run(
+        [*FLEETGATE, "up", "org/k", "--wait", "--timeout", "30",
+         "--url", first.url, "--key", first.admin_key],
+        capture_output=True, text=True, timeout=60, env=fleet.env,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "org/k: pending" and "org/k: healthy" in lines[-1], out.stdout
+    (rec,) = [json.loads(p.read_text()) for p in (fleet.state_dir / "local").glob("*.json")]
+    assert first.terminate() == "clean"
+
+    # The replica outlived its gateway (keep_on_shutdown); the next one adopts it.
+    second = fleet.gateway(doc)
+    until(lambda: second.get("/v1/models", second.user_key).status_code == 200, 10, "models")
+    status = second.status("org/k")
+    assert status["dynamic"] is True and status["launches"] == 0, status
+    assert [r["pid"] for r in status["replicas"]] == [rec["info"]["pid"]]
+    until(lambda: second.status("org/k")["status"] == "healthy", 15, "adopted replica ready")
+    assert second.client().chat.completions.create(
+        model="org/k", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    ).model == "org/k"
+    assert "org/k" in {m.id for m in second.client().models.list().data}
+
+    # Stop it for good (down), so nothing outlives the test.
+    r = httpx.post(f"{second.url}/v1/fleet/down", json={"model": "org/k"}, timeout=10,
+                   headers={"authorization": f"Bearer {second.admin_key}"})
+    assert r.status_code == 200, r.text
+    until(lambda: not list((fleet.state_dir / "local").glob("*.json")), 20, "replica stopped")
