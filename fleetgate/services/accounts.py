@@ -118,10 +118,10 @@ def _sync_groups(conn: Connection, ctx: Context, uid: int, name: str, wanted: li
 def principal_for(ctx: Context, user_id: int) -> Principal | None:
     """Who a signed-in user is (no key): role, groups and model access, as a key would have."""
     with ctx.engine.connect() as conn:
-        found = [u for u in repo.list_users(conn) if u.id == user_id]
-        if not found or not found[0].enabled:
+        name = conn.execute(select(users.c.name).where(users.c.id == user_id)).scalar()
+        u = repo.get_user(conn, name) if name is not None else None
+        if u is None or not u.enabled:
             return None
-        u = found[0]
         acc = user_svc.owner_access(conn, u)
     return Principal(name=f"portal:{u.name}", user=u.name, user_id=u.id, role=u.role,
                      groups=u.groups, access=acc)

@@ -118,3 +118,36 @@ def test_every_portal_route_is_documented(tmp_path) -> None:
     assert len(portal) > 15
     missing = [f"{r.method} {r.path}" for r in portal if f"`{r.method} {r.path}`" not in text]
     assert not missing, f"undocumented portal routes: {missing}"
+
+
+def test_set_password_and_link_ldap_from_the_cli(tmp_path) -> None:
+    from click.testing import CliRunner
+    from sqlalchemy import select
+
+    from fleetgate.cli.main import cli
+    from fleetgate.services import Context, accounts
+    from fleetgate.store.db import open_engine
+    from fleetgate.store.tables import users
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"store: {{url: 'sqlite:///{tmp_path / 'fg.db'}'}}\n")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["users", "create", "--config", str(cfg), "eve"]).exit_code == 0
+    short = runner.invoke(cli, ["users", "set-password", "--config", str(cfg), "eve"],
+                          input="short\n")
+    assert short.exit_code != 0 and "at least 8" in short.output
+    ok = runner.invoke(cli, ["users", "set-password", "--config", str(cfg), "eve"],
+                       input="a long enough one\n")
+    assert ok.exit_code == 0, ok.output
+    assert "a long enough one" not in ok.output
+    engine = open_engine(f"sqlite:///{tmp_path / 'fg.db'}")
+    with engine.connect() as c:
+        stored = c.execute(select(users.c.password_hash).where(users.c.name == "eve")).scalar()
+    assert stored.startswith("$argon2id$") and "a long enough one" not in stored
+    ctx = Context(engine, parse({}))
+    assert accounts.local_signin(ctx, "eve", "a long enough one") is not None
+    assert accounts.local_signin(ctx, "eve", "a long enough two") is None
+    linked = runner.invoke(cli, ["users", "update", "--config", str(cfg), "eve", "--link-ldap"])
+    assert linked.exit_code == 0 and "linked" in linked.output
+    with engine.connect() as c:
+        assert c.execute(select(users.c.source).where(users.c.name == "eve")).scalar() == "ldap"
