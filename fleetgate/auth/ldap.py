@@ -127,6 +127,10 @@ class Directory:
         else:
             dn = self._find_dn(username)
         conn = self._connect(dn, password)
+        if self.s.search is not None and self.s.group_search is not None:
+            # Many directories let only service accounts search groups: use the reader's.
+            _close(conn)
+            conn = self._connect(self.s.search.bind_dn, self.s.search.bind_password)
         try:
             groups = self._groups(conn, username, dn)
         finally:
