@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from fleetgate.api.asgi import Scope, send_json
 from fleetgate.api.fleet import json_body
@@ -127,6 +129,18 @@ def _schema(fields: frozenset[str], required: tuple[str, ...] = ()) -> dict[str,
     return {"type": "object", "additionalProperties": False, "required": list(required),
             "properties": {f: _FIELDS[f] for f in sorted(fields)}}
 
+
+# Query parameters, for the OpenAPI document.
+_NAME_Q = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$"}
+QUERIES: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("GET", PREFIX + "/keys"): {"user": _NAME_Q},
+    ("DELETE", PREFIX + "/groups/{name}"): {"force": {"type": "string", "enum": ["true", "false"]}},
+    ("GET", PREFIX + "/audit"): {
+        "limit": {"type": "string", "pattern": "^[0-9]{1,4}$"},
+        "since": {"type": "string", "pattern": "^[0-9]+[smhdw]$"},
+        "actor": _NAME_Q,
+    },
+}
 
 # Request bodies, for the OpenAPI document.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -258,7 +272,7 @@ class AdminRoutes:
     async def delete_group(self, req: Request) -> None:
         name = req.params["name"]
         ctx = await self._may(req, "group.delete", object_id=name)
-        force = req.query().get("force", ["false"])[0].lower() in ("1", "true", "yes")
+        force = req.query().get("force", ["false"])[0] == "true"
         await self._run(group_svc.delete_group, ctx, name, force=force)
         await send_json(req.send, 200, {"deleted": name})
 
@@ -419,11 +433,49 @@ class AdminRoutes:
         out = []
         for method, path, handler, auth, action, summary in table:
             self._actions[(method, PREFIX + path)] = action
-            out.append(Route(method, PREFIX + path, handler, auth, summary))  # type: ignore[arg-type]
-        out.append(openapi_route(PREFIX + "/openapi.json", out, BODIES))
+            checked = _query_checked(handler, QUERIES.get((method, PREFIX + path), {}))
+            out.append(Route(method, PREFIX + path, checked, auth, summary))  # type: ignore[arg-type]
+        out.append(openapi_route(PREFIX + "/openapi.json", out, BODIES, QUERIES))
         return out
 
 
 def _has_body(req: Request) -> bool:
     cl = req.header(b"content-length")
     return (cl is not None and cl not in (b"0", b"")) or req.header(b"transfer-encoding") is not None
+
+
+def _query_checked(
+    handler: Callable[[Request], Awaitable[None]], allowed: dict[str, dict[str, Any]]
+) -> Callable[[Request], Awaitable[None]]:
+    """The handler, after the query string is checked against what the route declares: an
+    unknown or repeated parameter, or a value outside its schema, is a 400 (a typo such as
+    ``?users=`` must not silently list everything)."""
+    patterns = {k: re.compile(v["pattern"]) for k, v in allowed.items() if "pattern" in v}
+    enums = {k: v["enum"] for k, v in allowed.items() if "enum" in v}
+
+    async def checked(req: Request) -> None:
+        raw = req.scope.get("query_string", b"")
+        if raw:
+            try:
+                pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True,
+                                  strict_parsing=True, max_num_fields=20)
+            except ValueError:
+                raise InvalidRequest("The query string is malformed.") from None
+            seen: set[str] = set()
+            for name, value in pairs:
+                if name not in allowed:
+                    raise InvalidRequest(f"Unknown query parameter {name[:60]!r}.",
+                                         param=name[:60])
+                if name in seen:
+                    raise InvalidRequest(f"Query parameter {name!r} is given twice.", param=name)
+                seen.add(name)
+                if name in patterns and not patterns[name].fullmatch(value):
+                    raise InvalidRequest(f"Query parameter {name!r} has a bad value.", param=name)
+                if name in enums and value not in enums[name]:
+                    raise InvalidRequest(
+                        f"Query parameter {name!r} must be one of {', '.join(enums[name])}.",
+                        param=name,
+                    )
+        await handler(req)
+
+    return checked

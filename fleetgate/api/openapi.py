@@ -32,12 +32,25 @@ _ERROR = {
 }
 
 
-def document(routes: list[Route], bodies: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+# Path parameters that are ids are whole numbers; the rest are names.
+_PATH_SCHEMAS = {"id": {"type": "string", "pattern": "^[0-9]{1,18}$"}}
+
+
+def document(
+    routes: list[Route],
+    bodies: dict[tuple[str, str], dict[str, Any]],
+    queries: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         params = [
-            {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            {"name": seg[1:-1], "in": "path", "required": True,
+             "schema": _PATH_SCHEMAS.get(seg[1:-1], {"type": "string"})}
             for seg in r.path.split("/") if seg.startswith("{")
+        ]
+        params += [
+            {"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in (queries or {}).get((r.method, r.path), {}).items()
         ]
         op: dict[str, Any] = {
             "summary": r.summary,
@@ -72,9 +85,12 @@ def document(routes: list[Route], bodies: dict[tuple[str, str], dict[str, Any]])
 
 
 def openapi_route(
-    path: str, routes: list[Route], bodies: dict[tuple[str, str], dict[str, Any]]
+    path: str,
+    routes: list[Route],
+    bodies: dict[tuple[str, str], dict[str, Any]],
+    queries: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None,
 ) -> Route:
-    doc = orjson.dumps(document(routes, bodies))
+    doc = orjson.dumps(document(routes, bodies, queries))
 
     async def handler(req: Request) -> None:
         await send_json(req.send, 200, doc)

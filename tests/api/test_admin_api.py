@@ -235,3 +235,16 @@ async def test_admin_api_needs_a_key(gw: Any) -> None:
             continue
         resp = await gw.client.request(r.method, concrete(r.path))
         assert resp.status_code == 401, (r.method, r.path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/admin/v1/keys?users=alice", "/admin/v1/keys?user=", "/admin/v1/keys?user=a&user=b",
+     "/admin/v1/audit?limit=", "/admin/v1/audit?limit=ten", "/admin/v1/audit?since=",
+     "/admin/v1/audit?since=7y", "/admin/v1/users?x=1", "/admin/v1/groups/vision?force=yes"],
+)
+async def test_query_strings_are_checked_not_ignored(gw: Any, people: Any, path: str) -> None:
+    """A typo in a query parameter is a 400, never a silently wider answer."""
+    method = "DELETE" if "force" in path else "GET"
+    r = await request(gw, method, path, people["keys"]["root"])
+    assert r.status_code == 400, r.text
