@@ -76,13 +76,19 @@ class Fleet:
 
     # --- models added and removed at run time ----------------------------------------------
 
-    def add_group(self, g: ModelGroup) -> Controller:
-        """Control a new model's group (already in :attr:`groups`); runs at once if started."""
+    def add_group(self, g: ModelGroup, run: bool = True) -> Controller:
+        """Control a new model's group; its controller runs at once if the fleet runs and
+        ``run`` is set, else at :meth:`run_group` (demand raised meanwhile is kept)."""
         self.groups[g.name] = g
         c = self._control(g)
-        if self._looping:
-            self._run(g.name, c)
+        if run:
+            self.run_group(g.name)
         return c
+
+    def run_group(self, name: str) -> None:
+        c = self.controllers.get(name)
+        if self._looping and c is not None and name not in self._task_of:
+            self._run(name, c)
 
     def remove_group(self, name: str) -> None:
         """Forget a model whose replicas are all gone: its controller stops, its group goes."""

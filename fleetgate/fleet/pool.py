@@ -77,10 +77,11 @@ class Pool:
 
     # --- models added at run time ----------------------------------------------------------
 
-    def add_model(self, m: ModelSettings) -> ModelGroup:
-        """Route and control a model that isn't in the config (from a template)."""
+    def add_model(self, m: ModelSettings, run: bool = True) -> ModelGroup:
+        """Route and control a model that isn't in the config (from a template); with
+        ``run=False`` nothing launches until ``control.run_group(name)``."""
         g = ModelGroup(m.name, m, policy_of(m))
-        self.control.add_group(g)
+        self.control.add_group(g, run)
         return g
 
     def remove_model(self, name: str) -> None:

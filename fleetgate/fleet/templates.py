@@ -16,7 +16,9 @@ and never awaits: adding a model is a new :class:`~fleetgate.fleet.group.ModelGr
 controller in the pool and a :class:`~fleetgate.dataplane.routes.ModelRoute` in the gateway's
 table (each swapped in with one assignment); the controller launches. :meth:`Templates.run` is
 a control-plane task that forgets a dynamic model once it has scaled to zero (its idle timeout)
-or been swapped out, so it leaves ``/v1/models``. Configured models are never touched here.
+or been swapped out, so it leaves ``/v1/models``; a model that swapped another out launches
+only once that one is gone (its controller starts then), so the GPUs it frees are free.
+Configured models are never touched here.
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ class Templates:
         self.dynamic: dict[str, TemplateSettings] = {}  # served models, by name (the path)
         self.leaving: dict[str, str] = {}  # swapped out, still draining: name -> why
         self.refused: dict[str, str] = {}  # template -> why the last launch was refused
+        # A model waiting for the one it swapped out to stop (so its GPUs are free again)
+        # before its controller runs: name -> the victim's name.
+        self.after: dict[str, str] = {}
         pool.control.adopter = self._adopt
 
     def __bool__(self) -> bool:
@@ -176,9 +181,9 @@ class Templates:
             admission=t.admission,
         )
 
-    def _add(self, t: TemplateSettings, path: str) -> ModelGroup:
+    def _add(self, t: TemplateSettings, path: str, run: bool = True) -> ModelGroup:
         m = self.settings_for(t, path)
-        g = self.pool.add_model(m)
+        g = self.pool.add_model(m, run)
         self.dynamic[path] = t
         self.routes.add(ModelRoute.build(m, dynamic=True))
         log.info("model %s added from template %s", path, t.name)
@@ -223,11 +228,12 @@ class Templates:
             )
         return out
 
-    def _make_room(self, t: TemplateSettings, path: str) -> None:
+    def _make_room(self, t: TemplateSettings, path: str) -> str | None:
+        """None when there is room; else the model swapped out for ``path``, or 503."""
         limit = capacity(t)
         plan = plan_capacity(self._running(t), limit)
         if plan.action == "room":
-            return
+            return None
         if plan.action == "full" or plan.victim is None:
             why = f"template {t.name} is full: {plan.reason}"
             self.refused[t.name] = why
@@ -240,6 +246,7 @@ class Templates:
         log.info("swapping out %s for %s: %s", victim, path, plan.reason)
         self._forget_route(victim, f"swapped out for {path}")
         self.pool.down(victim)  # drains, then stops; the reaper forgets its group
+        return victim
 
     def _forget_route(self, name: str, why: str) -> None:
         self.routes.remove(name)
@@ -265,9 +272,11 @@ class Templates:
                 retry_after=5,
             )
         if g is None:
-            self._make_room(t, name)
+            victim = self._make_room(t, name)
             self.refused.pop(t.name, None)
-            g = self._add(t, name)
+            g = self._add(t, name, run=victim is None)
+            if victim is not None:
+                self.after[name] = victim
         return g
 
     # --- the data plane's hook and the fleet API ---------------------------------------------
@@ -286,6 +295,12 @@ class Templates:
         g = self.ensure(principal, name)
         self.pool.up(name)
         status = g.status()
+        if name in self.after:
+            return {
+                "status": "pending",
+                "model": name,
+                "detail": f"waiting for {self.after[name]} to stop (swapped out to make room)",
+            }
         detail: str | None = None
         if status == "failed":
             detail = g.last_failure.splitlines()[0][:300] if principal.admin else (
@@ -322,8 +337,10 @@ class Templates:
         show: their routes (so they leave ``/v1/models``), groups and controllers."""
         del now  # the decision reads only published state
         gone = []
-        for name in [*self.dynamic, *self.leaving]:
+        for name in [*self.leaving, *self.dynamic]:
             g = self.pool.groups.get(name)
+            if name in self.after:
+                continue  # not launched yet: its controller runs once the victim is gone
             if g is not None and (
                 any(r.state not in TERMINAL for r in g.replicas)
                 or g.demand_at is not None
@@ -339,6 +356,10 @@ class Templates:
             gone.append(name)
         for name in gone:
             log.info("model %s stopped and forgotten", name)
+        for name, victim in list(self.after.items()):
+            if victim not in self.pool.groups:
+                del self.after[name]
+                self.pool.control.run_group(name)
         return gone
 
     async def run(self) -> None:
