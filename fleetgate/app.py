@@ -75,6 +75,7 @@ class Gateway:
             admitter=Admitter(self.limits),
             unknown_model=self.templates.route_for if self.templates else None,
         )
+        self.templates.on_forget = self.pipeline.admitter.forget
         self.admin = AdminRoutes(self.engine, settings) if settings.auth.mode == "keys" else None
         self.portal: PortalRoutes | None = None  # set by build_routes when portal.enabled
         self.router = Router(

@@ -58,6 +58,9 @@ async def fleet_up(
             if "model_path" in body and "model" in body and body["model"] != name:
                 raise InvalidRequest("Give 'model_path' or 'model', not both.", param="model")
             return 200, templates.up(principal, check_path(name, templates.absolute_ok))
+    if isinstance(body, dict) and "model_path" in body:
+        raise ModelNotFound("This gateway has no templates: no model path can be started.",
+                            param="model_path")
     name = _model(pool, principal, body, pool.fleet.up_access, "start")
     return 200, {"model": name, "status": pool.up(name)}
 

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -159,6 +159,9 @@ class Templates:
         # A model waiting for the one it swapped out to stop (so its GPUs are free again)
         # before its controller runs: name -> the victim's name.
         self.after: dict[str, str] = {}
+        # Told when a model's route goes, so what the data plane cached for it goes too
+        # (the admitter's limits and fair-share gate).
+        self.on_forget: Callable[[str], None] | None = None
         pool.control.adopter = self._adopt
 
     def __bool__(self) -> bool:
@@ -250,6 +253,7 @@ class Templates:
 
     def _forget_route(self, name: str, why: str) -> None:
         self.routes.remove(name)
+        self._forgotten(name)
         self.dynamic.pop(name, None)
         self.leaving[name] = why
 
@@ -332,6 +336,10 @@ class Templates:
 
     # --- forgetting models at zero -----------------------------------------------------------
 
+    def _forgotten(self, name: str) -> None:
+        if self.on_forget is not None:
+            self.on_forget(name)
+
     def reap(self, now: float | None = None) -> list[str]:
         """Forget dynamic models with nothing left running, nobody waiting and no failure to
         show: their routes (so they leave ``/v1/models``), groups and controllers."""
@@ -350,6 +358,7 @@ class Templates:
             ):
                 continue
             self.routes.remove(name)
+            self._forgotten(name)
             self.dynamic.pop(name, None)
             self.leaving.pop(name, None)
             self.pool.remove_model(name)

@@ -298,11 +298,24 @@ async def test_full_with_only_starting_models_is_503_and_says_why() -> None:
 async def test_a_stopped_model_is_forgotten() -> None:
     t, launcher, pool = await mechanism()
     try:
+        forgotten: list[str] = []
+        t.on_forget = forgotten.append
         t.up(ADMIN, "Qwen/A")
         await until(lambda: launcher.started, "a launch")
+        assert t.reap() == []  # still running: kept
         pool.down("Qwen/A")
         await until(lambda: t.reap() == ["Qwen/A"], "reaped")
         assert "Qwen/A" not in t.routes and "Qwen/A" not in pool.groups
-        assert "Qwen/A" not in pool.controllers
+        assert "Qwen/A" not in pool.controllers and forgotten == ["Qwen/A"]
     finally:
         await pool.stop(timeout_s=5)
+
+
+@pytest.mark.asyncio
+async def test_model_path_without_templates_is_404() -> None:
+    from fleetgate.fleet import api_handlers
+
+    pool = Pool(config.parse({}))
+    with pytest.raises(GatewayError) as e:
+        await api_handlers.fleet_up(pool, ADMIN, {"model_path": "Qwen/A"}, None)
+    assert (e.value.status, e.value.error_code) == (404, "model_not_found")
