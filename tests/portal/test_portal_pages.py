@@ -377,3 +377,26 @@ async def test_a_user_may_start_a_model_they_may_use_and_no_other(portal: Portal
     r = await portal.client.post("/portal/models/start", data={"csrf_token": token,
                                                                "model": "nope"})
     assert r.status_code == 404 and "does not exist" in r.text
+
+
+async def test_the_usage_page_shows_quotas_and_what_is_left(portal: Portal) -> None:
+    from fleetgate.services import keys as key_svc
+    from fleetgate.store.tables import groups, users
+
+    await portal.login("alice", "alice-pw")
+    with portal.app.engine.begin() as c:
+        c.execute(update(users).where(users.c.name == "alice")
+                  .values(quota_tokens=1000, quota_period="day"))
+        c.execute(update(groups).where(groups.c.name == "research")
+                  .values(quota_tokens=50000, quota_period="month"))
+    key, _ = key_svc.create_key(portal.ctx, name="q", user="alice")
+    chat = await portal.client.post(
+        "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+        json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    assert chat.status_code == 200, chat.text
+    used = chat.json()["usage"]["total_tokens"]
+    await portal.app.usage.flush()
+    page = await portal.client.get("/portal/usage")
+    assert f"<th scope=\"row\">user alice</th><td>1,000 / day</td><td>{used}</td>" \
+           f"<td>{1000 - used:,}</td>" in page.text
+    assert "group research</th><td>50,000 / month</td>" in page.text
