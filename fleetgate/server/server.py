@@ -31,6 +31,10 @@ log = logging.getLogger("fleetgate.server")
 
 App = Any  # an ASGI 3 callable: (scope, receive, send) -> awaitable
 LIFESPAN_STARTUP_FAILED = 3
+# The accept queue: as long as the kernel allows (it caps this at net.core.somaxconn). A burst of
+# new connections faster than one loop turn accepts them must not overflow it: an overflowing
+# queue drops handshakes, and the clients see resets.
+BACKLOG = 65535
 
 
 class ServerState:
@@ -162,7 +166,7 @@ class Server:
         try:
             sock = sock or bind_socket(o)
             server = await loop.create_server(
-                lambda: HttpProtocol(state), sock=sock, backlog=2048,
+                lambda: HttpProtocol(state), sock=sock, backlog=BACKLOG,
                 ssl=ssl_context(o.tls) if o.tls else None,
                 ssl_handshake_timeout=o.header_timeout_s if o.tls else None,
             )
