@@ -18,6 +18,7 @@ Like every service these block on the store, and every change writes one audit r
 from __future__ import annotations
 
 from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from fleetgate.auth import passwords
 from fleetgate.auth.ldap import LdapIdentity, norm_dn
@@ -80,6 +81,15 @@ def ldap_signin(ctx: Context, ident: LdapIdentity) -> repo.UserRecord:
     mapped = {norm_dn(dn): g for dn, g in s.group_map.items()}
     wanted = sorted({mapped[dn] for dn in ident.groups if dn in mapped})
     name = validation.name(ident.username)
+    try:
+        return _provision(ctx, ident, name, wanted)
+    except IntegrityError:  # two first sign-ins at once: the other made the user; use it
+        return _provision(ctx, ident, name, wanted)
+
+
+def _provision(
+    ctx: Context, ident: LdapIdentity, name: str, wanted: list[str]
+) -> repo.UserRecord:
     with ctx.engine.begin() as conn:
         u = repo.get_user(conn, name)
         if u is None:
