@@ -256,11 +256,11 @@ class PortalRoutes:
             return
         username = fields.get("username", "").strip()
         password = fields.get("password", "")
+        shown = username if valid_username(username) else ""
         if not sessions.same(fields.get("csrf_token"), self._cookie(req, sessions.CSRF_COOKIE)):
-            await self._login_form(req, 403, "The form expired; please try again.", username)
+            await self._login_form(req, 403, "The form expired; please try again.", shown)
             return
         address = self._address(req)
-        shown = username if valid_username(username) else ""
         if self.limiter.blocked(username, address):
             await self._login_form(req, 429, "Too many failed sign-ins; wait a few minutes and "
                                    "try again.", shown)
@@ -275,8 +275,8 @@ class PortalRoutes:
         except LdapUnavailable as e:
             await self._login_form(req, 503, str(e), shown)
             return
-        except PermissionDenied as e:  # right password, but refused: say why
-            await self._login_form(req, 403, e.message, shown)
+        except GatewayError as e:  # right password, but refused (group, unlinked name): say why
+            await self._login_form(req, e.status, e.message, shown)
             return
         if user is None:
             self.limiter.failed(username, address)
