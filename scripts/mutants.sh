@@ -32,8 +32,13 @@ p = sys.argv[1]
 text = open(p, encoding="utf-8").read()
 open(p, "w", encoding="utf-8").write(re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text))
 PY
+# process_isolation=forkserver: workers fork from a process that only collected the tests.
+# Forked from the process that ran them (mutmut's default), they inherit caches the original
+# code filled (access._shared's lru_cache of compiled allow-lists), and a mutant of the
+# pattern compiler "survived" without ever running.
 cat >"$dest/setup.cfg" <<'CFG'
 [mutmut]
+process_isolation=forkserver
 source_paths=fleetgate/
 only_mutate=
     fleetgate/auth/keys.py

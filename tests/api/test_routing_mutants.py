@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fleetgate.api.routing import Request, Route, Router
+from fleetgate.auth.networks import NetworkPolicy
 from fleetgate.auth.principals import Principal
 from fleetgate.errors import NotFound, PermissionDenied
 
@@ -98,6 +99,7 @@ def test_path_parameters_are_passed_verbatim(path: str, params: dict[str, str]) 
     "/admin/v1/keys//rotate", "/admin/v1/keys/7/rotate/x", "/nowhere",
     # a slash more or less is another path, for templates as for exact paths
     "/admin/v1/keys/7/", "//admin/v1/keys/7", "admin/v1/keys/7", "/admin/v1/keys/7/rotate/",
+    "x/admin/v1/keys/7",
 ])
 def test_an_empty_segment_or_an_unknown_path_is_404_unknown_url(path: str) -> None:
     async def h(req: Request) -> None:
@@ -125,3 +127,30 @@ def test_of_two_templates_that_both_match_the_first_declared_wins() -> None:
                 Route("GET", "/v1/{a}/files", first, "key")], authenticate)
     route, params = r.match("GET", "/v1/batches/files")
     assert route.handler is second and params == {"b": "files"}
+
+
+@pytest.mark.parametrize(("client", "allowed"), [
+    (("10.1.2.3", 5000), True), (("192.0.2.9", 5000), False), (None, False),
+])
+async def test_a_key_with_a_network_list_is_refused_when_the_address_is_unknown(
+    client: tuple[str, int] | None, allowed: bool
+) -> None:
+    fenced = Principal(name="f", networks=NetworkPolicy.of(["10.0.0.0/8"]))
+
+    async def auth(h: bytes | None) -> Principal:
+        return fenced
+
+    seen: list[str] = []
+
+    async def handler(req: Request) -> None:
+        seen.append(req.caller.name)
+
+    r = Router([Route("POST", "/v1/chat/completions", handler, "key")], auth)
+    s = scope("POST", "/v1/chat/completions", client=client)  # None: a unix socket, say
+    if allowed:
+        await r(s, None, None)  # type: ignore[arg-type]
+        assert seen == ["f"]
+    else:
+        with pytest.raises(PermissionDenied) as e:
+            await r(s, None, None)  # type: ignore[arg-type]
+        assert e.value.error_code == "ip_not_allowed" and seen == []
