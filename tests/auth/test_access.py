@@ -109,3 +109,22 @@ def test_principal_old_style_arguments_still_work():
         p.role = "admin"  # type: ignore[misc]
     assert p == Principal(name="alice", models=["m"]) and hash(p) == hash(
         Principal(name="alice", models=["m"]))
+
+
+def test_a_layer_of_several_patterns_allows_any_of_them():
+    acc = ModelAccess([["demo", "Qwen/*"]])
+    assert acc.allows("demo") and acc.allows("Qwen/Qwen3-8B") and not acc.allows("meta/x")
+    assert acc.narrowed(None) is acc
+    assert not acc.narrowed(["demo"]).allows("Qwen/Qwen3-8B")
+
+
+def test_durations():
+    import datetime as dt
+
+    from fleetgate.auth.keys import parse_duration
+
+    assert parse_duration("1s") == dt.timedelta(seconds=1)
+    assert parse_duration("2w") == dt.timedelta(weeks=2)
+    for bad in ("0s", "1", "1y", "-1d", "soon"):
+        with pytest.raises(ValueError, match="invalid duration"):
+            parse_duration(bad)

@@ -453,3 +453,63 @@ def test_an_expired_key_is_not_rotated_and_an_ownerless_key_lists_under_its_buil
     assert e.value.param == "id"
     v = K.get_key(ctx, rec.id)
     assert (v.user, v.status) == ("admin", "expired")
+
+
+def test_each_call_returns_the_object_it_named(ctx):
+    for n in ("a", "b", "c"):
+        assert G.create_group(ctx, n).name == n
+    assert G.get_group(ctx, "b").name == "b"
+    assert G.update_group(ctx, "c", weight=4).name == "c"
+    assert G.get_group(ctx, "a").weight == 1.0  # the default weight
+    for n in ("zed", "yan"):
+        U.create_user(ctx, n)
+    assert U.set_enabled(ctx, "zed", False).name == "zed"
+    assert U.get_user(ctx, "yan").name == "yan"
+
+
+def test_listing_defaults_to_the_newest_hundred(ctx):
+    with ctx.engine.begin() as conn:
+        for i in range(101):
+            repo.insert_audit(conn, actor="cli", actor_key_id=None, action="x", object_type="t",
+                              object_id=str(i), detail=None, outcome="ok")
+    rows = audit.list_entries(ctx)
+    assert len(rows) == 100 and rows[0].object_id == "100" and rows[-1].object_id == "1"
+
+
+def test_json_views(ctx):
+    G.create_group(ctx, "g", models=["demo"], weight=2)
+    U.create_user(ctx, "ann", groups=["g"], models=["demo"])
+    _, rec = K.create_key(ctx, name="k", user="ann", expires=dt.timedelta(days=1))
+    gj, uj = G.as_json(G.get_group(ctx, "g")), U.as_json(U.get_user(ctx, "ann"))
+    assert {k: gj[k] for k in ("name", "models", "weight", "members")} == {
+        "name": "g", "models": ["demo"], "weight": 2.0, "members": ["ann"]}
+    assert {k: uj[k] for k in ("name", "role", "source", "groups", "models", "enabled")} == {
+        "name": "ann", "role": "user", "source": "local", "groups": ["g"], "models": ["demo"],
+        "enabled": True}
+    assert U.as_json(U.get_user(ctx, "default"))["models"] is None
+    for j in (gj, uj):
+        assert j["created_at"].endswith("Z") and j["updated_at"].endswith("Z")
+    kj = K.as_json(K.get_key(ctx, rec.id))
+    assert {k: kj[k] for k in ("id", "user", "name", "prefix", "models", "status", "revoked_at",
+                               "rotated_at", "previous_valid_until", "last_used_at")} == {
+        "id": rec.id, "user": "ann", "name": "k", "prefix": rec.prefix, "models": None,
+        "status": "active", "revoked_at": None, "rotated_at": None,
+        "previous_valid_until": None, "last_used_at": None}
+    assert kj["expires_at"] == rec.expires_at.isoformat() + "Z"
+    assert kj["created_at"] == rec.created_at.isoformat() + "Z"
+    r = audit.list_entries(ctx, limit=1)[0]
+    assert audit.as_json(r) == {
+        "id": r.id, "at": r.at.isoformat() + "Z", "actor": "root", "actor_key_id": 7,
+        "action": "key.create", "object_type": "key", "object_id": str(rec.id),
+        "detail": r.detail, "outcome": "ok"}
+
+
+def test_an_ownerless_plain_key_lists_under_default(ctx, engine):
+    from sqlalchemy import update
+
+    from fleetgate.store.tables import api_keys
+
+    _, rec = K.create_key(ctx, name="k")
+    with engine.begin() as c:
+        c.execute(update(api_keys).where(api_keys.c.id == rec.id).values(user_id=None))
+    assert K.get_key(ctx, rec.id).user == "default"
