@@ -287,7 +287,11 @@ class Templates:
 
     def route_for(self, principal: Principal, name: str) -> ModelRoute:
         """``Pipeline.authorize`` for a model name not in the route table."""
-        g = self.ensure(principal, name)
+        try:
+            g = self.ensure(principal, name)
+        except InvalidRequest as e:
+            e.param = "model"  # what the client sent it as
+            raise
         g.demand()  # launch now, even if admission awaits before the pool is asked
         route = self.routes.get(name)
         if route is None:  # added above, so only a bug gets here

@@ -228,10 +228,10 @@ async def until(pred: Any, what: str, timeout_s: float = 5.0) -> None:
 async def test_a_bad_path_starts_nothing(why: str, path: Any) -> None:
     t, launcher, pool = await mechanism()
     try:
-        for call in (t.route_for, t.up):
+        for call, param in ((t.route_for, "model"), (t.up, "model_path")):
             with pytest.raises(GatewayError) as e:
                 call(ADMIN, path)
-            assert e.value.error_code == "invalid_model_path"
+            assert (e.value.error_code, e.value.param) == ("invalid_model_path", param)
         await asyncio.sleep(0.2)  # a controller step or two: nothing was asked for
         assert launcher.started == [] and list(pool.groups) == [] and len(t.routes) == 0
     finally:
