@@ -89,7 +89,7 @@ def gw(fleet: Fleet, tmp_path: Path) -> Gateway:
     doc = fleet.config([])
     doc["templates"] = [
         sim_template("swap", ["org/*"], max_models=1, scaling={"idle_timeout_s": 120}),
-        sim_template("idle", [f"{ckpt}/*"], max_models=2, scaling={"idle_timeout_s": 1.5}),
+        sim_template("idle", [f"{ckpt}/*"], max_models=2, scaling={"idle_timeout_s": 3}),
     ]
     return fleet.gateway(doc)
 
@@ -166,9 +166,17 @@ def test_up_chat_swap_and_idle_to_zero(fleet: Fleet, gw: Gateway, tmp_path: Path
     until(lambda: len(list((fleet.state_dir / "local").glob("*.json"))) == 1, 15,
           "org/a's process stopped")
 
-    # Idle to zero: a model of the "idle" template (an absolute path) leaves /v1/models.
+    # A chat request launches a model on demand (cold_start: reject: 503 + Retry-After while
+    # it starts, as for a configured model), here of the "idle" template (an absolute path).
     ckpt = f"{tmp_path}/ckpt/run-7"
-    up_until_healthy(gw, alice, ckpt)
+    chat = {"model": ckpt, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    auth = {"authorization": f"Bearer {alice}"}
+    cold = httpx.post(f"{gw.url}/v1/chat/completions", json=chat, headers=auth, timeout=10)
+    assert cold.status_code == 503 and "retry-after" in cold.headers, cold.text
+    until(lambda: httpx.post(f"{gw.url}/v1/chat/completions", json=chat, headers=auth,
+                             timeout=10).status_code == 200, 30, "chat-launched model answers",
+          every_s=0.3)
+    # Idle to zero: it leaves /v1/models.
     assert models_list(gw, alice)[ckpt]["dynamic"] is True
     until(lambda: ckpt not in models_list(gw, alice), 20, "idle model gone from /v1/models",
           every_s=0.3)
