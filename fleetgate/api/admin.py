@@ -33,7 +33,7 @@ from fleetgate.services import Actor, Context, audit, authz
 from fleetgate.services import groups as group_svc
 from fleetgate.services import keys as key_svc
 from fleetgate.services import users as user_svc
-from fleetgate.services.validation import KEEP
+from fleetgate.services.validation import KEEP, LIMIT_FIELDS
 from fleetgate.store.repo import utcnow
 
 PREFIX = "/admin/v1"
@@ -102,11 +102,13 @@ def _names(value: Any, param: str) -> list[str]:
     return list(value)
 
 
-_USER_CREATE = frozenset({"name", "role", "groups", "models", "enabled"})
-_USER_PATCH = frozenset({"role", "models", "add_groups", "remove_groups", "enabled"})
-_GROUP_CREATE = frozenset({"name", "models", "weight"})
-_GROUP_PATCH = frozenset({"models", "weight"})
-_KEY_CREATE = frozenset({"name", "user", "models", "expires", "admin"})
+_USER_CREATE = frozenset({"name", "role", "groups", "models", "enabled", "limits", "quota",
+                          "allow_ips"})
+_USER_PATCH = frozenset({"role", "models", "add_groups", "remove_groups", "enabled", "limits",
+                         "quota", "allow_ips"})
+_GROUP_CREATE = frozenset({"name", "models", "weight", "limits", "quota"})
+_GROUP_PATCH = frozenset({"models", "weight", "limits", "quota"})
+_KEY_CREATE = frozenset({"name", "user", "models", "expires", "admin", "limits", "allow_ips"})
 _ROTATE = frozenset({"overlap"})
 
 _PATTERNS = {"type": "array", "items": {"type": "string"}}
@@ -122,7 +124,31 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "models": {"anyOf": [_PATTERNS, {"type": "null"}]}, "enabled": {"type": "boolean"},
     "weight": {"type": "number", "exclusiveMinimum": 0}, "user": {"type": "string"},
     "expires": _DURATION, "overlap": _DURATION, "admin": {"type": "boolean"},
+    # Each limit a whole number; 0 or null removes it (on a PATCH, only the limits named change).
+    "limits": {"type": "object", "additionalProperties": False, "properties": {
+        f: {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
+        for f in LIMIT_FIELDS}},
+    "quota": {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["tokens"],
+                         "properties": {"tokens": {"type": "integer", "minimum": 0},
+                                        "period": {"enum": ["day", "month"]}}},
+                        {"type": "null"}]},
+    "allow_ips": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
 }
+
+
+def _quota(b: dict[str, Any]) -> dict[str, Any]:
+    """``quota`` from a body as the services' ``quota_tokens``/``quota_period``; {} if absent."""
+    if "quota" not in b:
+        return {}
+    q = b["quota"]
+    if q is None:
+        return {"quota_tokens": None}
+    q = _object(q, frozenset({"tokens", "period"}))
+    return {"quota_tokens": q.get("tokens"), "quota_period": q.get("period", "month")}
+
+
+def _limits(b: dict[str, Any]) -> Any:
+    return b.get("limits") if b.get("limits") is not None else None
 
 
 def _schema(fields: frozenset[str], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -150,7 +176,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("PATCH", PREFIX + "/groups/{name}"): _schema(_GROUP_PATCH),
     ("POST", PREFIX + "/keys"): _schema(_KEY_CREATE, ("name",)),
     ("POST", PREFIX + "/keys/{id}/rotate"): _schema(_ROTATE),
-    ("POST", PREFIX + "/me/keys"): _schema(frozenset({"name", "models", "expires"}), ("name",)),
+    ("POST", PREFIX + "/me/keys"): _schema(authz.USER_FIELDS["key.create"], ("name",)),
     ("POST", PREFIX + "/me/keys/{id}/rotate"): _schema(_ROTATE),
 }
 
@@ -202,6 +228,7 @@ class AdminRoutes:
         u = await self._run(
             user_svc.create_user, ctx, b["name"], role=b.get("role", "user"),
             groups=_names(b.get("groups", []), "groups"), models=b.get("models"),
+            limits=_limits(b), allow_ips=b.get("allow_ips"), **_quota(b),
         )
         if b.get("enabled") is False:
             u = await self._run(user_svc.set_enabled, ctx, u.name, False)
@@ -225,6 +252,7 @@ class AdminRoutes:
             models=b.get("models", KEEP) if b.get("models") != [] else None,
             add_groups=_names(b.get("add_groups", []), "add_groups"),
             remove_groups=_names(b.get("remove_groups", []), "remove_groups"),
+            limits=_limits(b), allow_ips=b.get("allow_ips", KEEP), **_quota(b),
         )
         if enabled is not None and enabled != u.enabled:
             u = await self._run(user_svc.set_enabled, ctx, name, enabled)
@@ -250,7 +278,8 @@ class AdminRoutes:
         if "name" not in b:
             raise InvalidRequest("'name' is required.", param="name")
         g = await self._run(group_svc.create_group, ctx, b["name"],
-                            models=b.get("models", []), weight=b.get("weight", 1.0))
+                            models=b.get("models", []), weight=b.get("weight", 1.0),
+                            limits=_limits(b), **_quota(b))
         await send_json(req.send, 201, group_svc.as_json(g))
 
     async def get_group(self, req: Request) -> None:
@@ -266,7 +295,7 @@ class AdminRoutes:
                               name)
         b = _object(body, _GROUP_PATCH)
         g = await self._run(group_svc.update_group, ctx, name, models=b.get("models", KEEP),
-                            weight=b.get("weight", KEEP))
+                            weight=b.get("weight", KEEP), limits=_limits(b), **_quota(b))
         await send_json(req.send, 200, group_svc.as_json(g))
 
     async def delete_group(self, req: Request) -> None:
@@ -296,6 +325,7 @@ class AdminRoutes:
             user=owner if owner is not None else b.get("user"), models=models,
             expires=_duration(b.get("expires"), "expires"),
             admin=_flag(b.get("admin", False), "admin"),
+            limits=_limits(b), allow_ips=b.get("allow_ips"),
         )
         view = await self._run(key_svc.get_key, ctx, rec.id)
         # The whole key is in this answer only; it is never shown again.
@@ -402,14 +432,14 @@ class AdminRoutes:
             ("GET", "/users/{name}", self.get_user, "key", "user.read",
              "Read a user (a user may read themselves)."),
             ("PATCH", "/users/{name}", self.patch_user, "admin", "user.update",
-             "Change a user's role, groups, models or enabled."),
+             "Change a user's role, groups, models, enabled, limits, quota or allow_ips."),
             ("DELETE", "/users/{name}", self.delete_user, "admin", "user.delete",
              "Delete a user who owns no key."),
             ("GET", "/groups", self.list_groups, "admin", "group.read", "List groups."),
             ("POST", "/groups", self.create_group, "admin", "group.create", "Create a group."),
             ("GET", "/groups/{name}", self.get_group, "admin", "group.read", "Read a group."),
             ("PATCH", "/groups/{name}", self.patch_group, "admin", "group.update",
-             "Replace a group's models or weight."),
+             "Replace a group's models, weight, limits or quota."),
             ("DELETE", "/groups/{name}", self.delete_group, "admin", "group.delete",
              "Delete a group (?force=true if it has members)."),
             ("GET", "/keys", self.list_keys, "admin", "key.read", "List keys (?user=NAME)."),
@@ -424,7 +454,7 @@ class AdminRoutes:
             ("GET", "/me", self.me, "key", "user.read", "The caller's user and key."),
             ("GET", "/me/keys", self.my_keys, "key", "key.read", "The caller's keys."),
             ("POST", "/me/keys", self.create_my_key, "key", "key.create",
-             "Create a key for yourself (name, models, expires)."),
+             "Create a key for yourself (name, models, expires, allow_ips)."),
             ("DELETE", "/me/keys/{id}", self.revoke_my_key, "key", "key.revoke",
              "Revoke one of your keys."),
             ("POST", "/me/keys/{id}/rotate", self.rotate_my_key, "key", "key.rotate",

@@ -18,6 +18,13 @@ rotation's overlap both the new and the old value are cached and resolve to the 
 old value's entry expires when the overlap ends. A disabled user's keys are refused like revoked
 ones.
 
+The principal's admission fields are built at the same time, from the store (:func:`admission`):
+``limits`` for ``Subject("user", name)``, each ``Subject("group", name)`` and
+``Subject("key", str(id))`` (the id, so a rotation keeps the key's counters), ``quotas`` for the
+user and groups, ``weight`` (the highest of the groups' weights, 1 without a group) and
+``networks`` (the user's and the key's allow-lists; both apply). A stored value that no longer
+parses fails closed: the key is refused from every address, and the log says why.
+
 In ``static`` mode each token gets a stable identity of its own: user and name
 ``static-<8 hex of the token's digest>``, role ``admin`` for ``auth.admin_tokens``. Every token
 is compared, without an early exit, so the time taken doesn't say which one matched.
@@ -36,9 +43,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from fleetgate.auth import access, keys
-from fleetgate.auth.principals import ANONYMOUS, Principal
+from fleetgate.auth.networks import NetworkPolicy
+from fleetgate.auth.principals import ANONYMOUS, Principal, SubjectLimits, SubjectQuotas
 from fleetgate.config import AuthSettings
 from fleetgate.errors import AuthError, StoreUnavailable
+from fleetgate.limits.spec import Limits, Quota, Subject
 from fleetgate.store import repo
 
 log = logging.getLogger("fleetgate.auth")
@@ -88,6 +97,33 @@ def readable(
 
 def _epoch(t: dt.datetime | None) -> float | None:
     return t.replace(tzinfo=dt.UTC).timestamp() if t is not None else None
+
+
+# A policy no address satisfies: one list, empty.
+_NOWHERE = NetworkPolicy(((),))
+
+
+def admission(g: repo.KeyGrant) -> tuple[SubjectLimits, SubjectQuotas, float, NetworkPolicy]:
+    """The limits, quotas, fair-share weight and network policy of one key (pure)."""
+    limits: list[tuple[Subject, Limits]] = []
+    quotas: list[tuple[Subject, Quota]] = []
+    try:
+        owners: list[tuple[Subject, dict[str, int] | None, tuple[int, str] | None]] = [
+            (Subject("user", g.user), g.user_limits, g.user_quota)]
+        owners += [(Subject("group", ga.name), ga.limits, ga.quota) for ga in g.group_admission]
+        owners.append((Subject("key", str(g.key.id)), g.key.limits, None))
+        for subject, lim, quota in owners:
+            if lim:
+                limits.append((subject, Limits(**lim)))
+            if quota is not None:
+                quotas.append((subject, Quota(quota[0], quota[1])))  # type: ignore[arg-type]
+        networks = NetworkPolicy.of(g.user_allow_ips, g.key.allow_ips)
+    except (TypeError, ValueError) as e:
+        log.warning("key %d has unreadable limits or allow-lists in the store (%s); refusing it "
+                    "from every address", g.key.id, e)
+        return (), (), 1.0, _NOWHERE
+    weight = max((ga.weight for ga in g.group_admission), default=1.0)
+    return tuple(limits), tuple(quotas), weight, networks
 
 
 def _static_principal(token: str, role: str) -> tuple[bytes, Principal]:
@@ -187,6 +223,7 @@ class Authenticator:
     def _entries(g: repo.KeyGrant, now: float) -> dict[str, _Entry]:
         """The cache entries of one key: its value, and its old value while rotating."""
         rec = g.key
+        limits, quotas, weight, networks = admission(g)
         principal = Principal(
             name=rec.name,
             key_id=rec.id,
@@ -198,6 +235,10 @@ class Authenticator:
             access=access.effective(
                 g.user, g.role, [models for _, models in g.groups], g.user_models, rec.models
             ),
+            limits=limits,
+            quotas=quotas,
+            weight=weight,
+            networks=networks,
         )
         exp = _epoch(rec.expires_at)
         out = {rec.digest: _Entry(principal, exp, now)}

@@ -82,6 +82,58 @@ def fmt_time(t: dt.datetime | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M") if t else "-"
 
 
+_LIMIT_FLAGS = (
+    ("--rpm", "rpm", "Requests per minute."),
+    ("--tpm", "tpm", "Tokens (prompt + completion) per minute."),
+    ("--max-concurrent", "max_concurrent", "Requests in flight at once."),
+    ("--max-tokens", "max_tokens", "Cap on a request's max_tokens (a 400 above it)."),
+    ("--max-n", "max_n", "Cap on a request's n (a 400 above it)."),
+)
+
+
+def limit_options(fn: F) -> F:
+    """``--rpm --tpm --max-concurrent --max-tokens --max-n``; ``0`` removes a limit."""
+    for flag, dest, text in reversed(_LIMIT_FLAGS):
+        fn = click.option(flag, dest, type=click.IntRange(min=0), default=None,
+                          help=text + " 0 removes it.")(fn)
+    return fn
+
+
+def quota_options(fn: F) -> F:
+    """``--quota-tokens N --quota-period day|month``."""
+    fn = click.option("--quota-period", type=click.Choice(["day", "month"]), default=None,
+                      help="The quota's period, UTC (default month).")(fn)
+    return click.option("--quota-tokens", type=click.IntRange(min=0), default=None,
+                        help="Token quota per period (prompt + completion); 0 removes it.")(fn)
+
+
+def allow_ips_option(fn: F) -> F:
+    return click.option(
+        "--allow-ips", default=None,
+        help="Comma-separated CIDRs requests must come from, e.g. 10.0.0.0/8,192.168.1.5 "
+             "('' on update removes the list).")(fn)
+
+
+def pop_limits(kwargs: dict[str, Any]) -> dict[str, int] | None:
+    """The limit flags given (removed from ``kwargs``), or ``None`` when none was."""
+    given = {dest: kwargs.pop(dest) for _, dest, _ in _LIMIT_FLAGS}
+    out = {k: v for k, v in given.items() if v is not None}
+    return out or None
+
+
+def cidrs(value: str) -> list[str]:
+    """``--allow-ips a,b`` -> ``["a", "b"]`` (``''``: the empty list)."""
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def fmt_limits(lim: dict[str, int] | None, quota: tuple[int, str] | None = None) -> str:
+    """``rpm=60,tpm=10000 quota=1000000/month``, or ``-``."""
+    parts = [f"{k}={v}" for k, v in (lim or {}).items()]
+    if quota:
+        parts.append(f"quota={quota[0]}/{quota[1]}")
+    return ",".join(parts) or "-"
+
+
 def create_key(
     settings: Settings,
     *,
@@ -107,6 +159,7 @@ def keys() -> None:
     Examples:
       fleetgate keys create --config gw.yaml --name laptop --user alice --models 'Qwen/*'
       fleetgate keys create --config gw.yaml --name alice --models llama,qwen --expires 30d
+      fleetgate keys create --config gw.yaml --name ci --user alice --rpm 30 --allow-ips 10.0.0.0/8
       fleetgate keys rotate --config gw.yaml 3 --overlap 1h
       fleetgate keys list --config gw.yaml --user alice
       fleetgate keys revoke --config gw.yaml 3
@@ -140,10 +193,12 @@ def _overlap(ctx: click.Context, param: click.Parameter, value: str) -> dt.timed
 @click.option("--admin", is_flag=True,
               help="An admin key: without --user it belongs to the built-in 'admin' user; with "
                    "--user that user must have role admin.")
+@limit_options
+@allow_ips_option
 @store_errors
 def create(
     config_path: str, name: str, user: str | None, models: str | None,
-    expires: dt.timedelta | None, admin: bool,
+    expires: dt.timedelta | None, admin: bool, allow_ips: str | None, **lim: Any,
 ) -> None:
     """Create a key. The key is printed once, alone on the last line."""
     allow = globs(models)
@@ -152,8 +207,9 @@ def create(
             "give at least one model, or leave --models out", param_hint="--models"
         )
     ctx = context(config_path)
-    key, rec = key_svc.create_key(ctx, name=name, user=user, models=allow, expires=expires,
-                                  admin=admin)
+    key, rec = key_svc.create_key(
+        ctx, name=name, user=user, models=allow, expires=expires, admin=admin,
+        limits=pop_limits(lim), allow_ips=cidrs(allow_ips) if allow_ips is not None else None)
     click.echo(f"Created key {rec.id} ({name!r}). It is shown only this once:", err=True)
     click.echo(key)
 
@@ -182,7 +238,8 @@ def rotate(config_path: str, key_id: int, overlap: dt.timedelta) -> None:
 @click.option("--user", default=None, help="Only this user's keys.")
 @store_errors
 def list_(config_path: str, user: str | None) -> None:
-    """List keys: id, user, name, prefix, models, created, expires, last used, status."""
+    """List keys: id, user, name, prefix, models, limits, allowed networks, created, expires,
+    last used, status."""
     ctx = context(config_path)
     rows = []
     for v in key_svc.list_keys(ctx, user=user):
@@ -190,10 +247,11 @@ def list_(config_path: str, user: str | None) -> None:
         rows.append((
             str(r.id), v.user, r.name, r.prefix + "…",
             ",".join(r.models) if r.models is not None else "*",
+            fmt_limits(r.limits), ",".join(r.allow_ips) if r.allow_ips else "-",
             fmt_time(r.created_at), fmt_time(r.expires_at), fmt_time(r.last_used_at), v.status,
         ))
-    table(("ID", "USER", "NAME", "PREFIX", "MODELS", "CREATED", "EXPIRES", "LAST USED", "STATUS"),
-          rows)
+    table(("ID", "USER", "NAME", "PREFIX", "MODELS", "LIMITS", "ALLOW_IPS", "CREATED", "EXPIRES",
+           "LAST USED", "STATUS"), rows)
 
 
 @keys.command("revoke")

@@ -155,7 +155,8 @@ def check_workers(settings: config_mod.Settings, workers: int) -> None:
 
     Each worker runs its own lifespan: a key cache, a usage writer (every worker writes its own
     events, so accounting stays exact) and a pool. A pool with a launcher other than ``static``
-    would start replicas once per worker, so that is refused.
+    would start replicas once per worker, so that is refused. So are limits counted in memory
+    (``limits.backend: memory``), set in the config or on any user, group or key in the store.
     """
     if workers < 1:
         raise click.ClickException("--workers must be at least 1")
@@ -181,6 +182,34 @@ def check_workers(settings: config_mod.Settings, workers: int) -> None:
                 "would let through its own full share. Set limits.backend: redis (with "
                 "limits.redis_url), or use --workers 1."
             )
+        if settings.auth.mode == "keys" and _store_has_limits(settings):
+            raise click.ClickException(
+                f"--workers {workers} with limits.backend 'memory' would count limits once per "
+                "worker (users, groups or keys in the store have limits or quotas), so each "
+                "worker would let through its own full share. Set limits.backend: redis (with "
+                "limits.redis_url), or use --workers 1."
+            )
+
+
+def _store_has_limits(settings: config_mod.Settings) -> bool:
+    """Whether the store sets any limit or quota (brings its schema to head first)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fleetgate.store import repo
+    from fleetgate.store.db import migrate, open_engine
+
+    try:
+        engine = open_engine(settings.store.url)
+        try:
+            migrate(engine)
+            return repo.any_limits(engine)
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, OSError) as e:
+        reason = getattr(e, "orig", None) or e
+        raise click.ClickException(
+            f"can't read the store to check for limits before starting workers: {reason}"
+        ) from None
 
 
 

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from fleetgate.cli.keys import _config_opt, context, fmt_time, globs, store_errors, table
+from fleetgate.cli.keys import (
+    _config_opt,
+    allow_ips_option,
+    cidrs,
+    context,
+    fmt_limits,
+    fmt_time,
+    globs,
+    limit_options,
+    pop_limits,
+    quota_options,
+    store_errors,
+    table,
+)
 from fleetgate.services import users as user_svc
 from fleetgate.services.validation import KEEP
 
@@ -19,6 +34,8 @@ def users() -> None:
       fleetgate users create --config gw.yaml ops --role admin
       fleetgate users update --config gw.yaml alice --remove-group vision --models 'Qwen/*'
       fleetgate users update --config gw.yaml alice --models ''   # drop her own list
+      fleetgate users update --config gw.yaml alice --rpm 60 --tpm 0 --allow-ips 10.0.0.0/8
+      fleetgate users update --config gw.yaml alice --quota-tokens 1000000 --quota-period day
       fleetgate users disable --config gw.yaml alice
     """
 
@@ -30,12 +47,18 @@ def users() -> None:
 @click.option("--role", type=click.Choice(["user", "admin"]), default="user", show_default=True)
 @click.option("--models", default=None,
               help="Comma-separated names or globs narrowing what the groups allow.")
+@limit_options
+@quota_options
+@allow_ips_option
 @store_errors
 def create(config_path: str, name: str, groups: tuple[str, ...], role: str,
-           models: str | None) -> None:
+           models: str | None, quota_tokens: int | None, quota_period: str | None,
+           allow_ips: str | None, **lim: Any) -> None:
     """Create a user."""
     u = user_svc.create_user(context(config_path), name, role=role, groups=groups,
-                             models=globs(models) or None)
+                             models=globs(models) or None, limits=pop_limits(lim),
+                             quota_tokens=quota_tokens, quota_period=quota_period or "month",
+                             allow_ips=cidrs(allow_ips) if allow_ips is not None else None)
     click.echo(f"created user {u.name} (role {u.role})")
 
 
@@ -49,9 +72,13 @@ def create(config_path: str, name: str, groups: tuple[str, ...], role: str,
               help="Replace the user's own list; '' removes it.")
 @click.option("--link-ldap", is_flag=True,
               help="Let portal sign-ins through LDAP reach this local account.")
+@limit_options
+@quota_options
+@allow_ips_option
 @store_errors
 def update(config_path: str, name: str, add: tuple[str, ...], remove: tuple[str, ...],
-           role: str | None, models: str | None, link_ldap: bool) -> None:
+           role: str | None, models: str | None, link_ldap: bool, quota_tokens: int | None,
+           quota_period: str | None, allow_ips: str | None, **lim: Any) -> None:
     """Change a user; options not given stay as they are."""
     if link_ldap:
         from fleetgate.services import accounts
@@ -61,24 +88,32 @@ def update(config_path: str, name: str, add: tuple[str, ...], remove: tuple[str,
     u = user_svc.update_user(
         context(config_path), name, role=role if role is not None else KEEP,
         models=KEEP if models is None else (globs(models) or None),
-        add_groups=add, remove_groups=remove,
+        add_groups=add, remove_groups=remove, limits=pop_limits(lim),
+        quota_tokens=KEEP if quota_tokens is None else quota_tokens,
+        quota_period=KEEP if quota_period is None else quota_period,
+        allow_ips=KEEP if allow_ips is None else cidrs(allow_ips),
     )
     click.echo(f"updated user {u.name}: role {u.role}, groups {','.join(u.groups) or '-'}, "
-               f"models {','.join(u.models) if u.models is not None else '(from groups)'}")
+               f"models {','.join(u.models) if u.models is not None else '(from groups)'}, "
+               f"limits {fmt_limits(u.limits, u.quota)}, "
+               f"allow-ips {','.join(u.allow_ips) if u.allow_ips else '-'}")
 
 
 @users.command("list")
 @_config_opt
 @store_errors
 def list_(config_path: str) -> None:
-    """List users: name, role, groups, own models, status, source, created."""
+    """List users: name, role, groups, own models, status, source, created, limits and quota,
+    allowed networks."""
     rows = [
         (u.name, u.role, ",".join(u.groups) or "-",
          ",".join(u.models) if u.models is not None else "-",
-         "enabled" if u.enabled else "disabled", u.source, fmt_time(u.created_at))
+         "enabled" if u.enabled else "disabled", u.source, fmt_time(u.created_at),
+         fmt_limits(u.limits, u.quota), ",".join(u.allow_ips) if u.allow_ips else "-")
         for u in user_svc.list_users(context(config_path))
     ]
-    table(("NAME", "ROLE", "GROUPS", "MODELS", "STATUS", "SOURCE", "CREATED"), rows)
+    table(("NAME", "ROLE", "GROUPS", "MODELS", "STATUS", "SOURCE", "CREATED", "LIMITS",
+           "ALLOW_IPS"), rows)
 
 
 @users.command("disable")

@@ -5,7 +5,9 @@ Role ``admin`` may do everything. Role ``user`` may only:
 * read their own user (``user.read`` with themselves as the target);
 * list, read, create, rotate and revoke their own keys (``key.*`` with themselves as owner),
   sending no field but ``name``, ``models`` (a key's list can only narrow, see
-  :mod:`fleetgate.services.keys`) and ``expires``.
+  :mod:`fleetgate.services.keys`), ``expires`` and ``allow_ips`` (a key's network list: the
+  user's own list still applies too, so it can only narrow). Limits, quotas and a user's own
+  allow-list are for admins only.
 
 Everything else is refused: an admin-only action with code ``admin_required``, another user's
 object or a field a user may not send (``role``, ``groups``, ``admin``, ``user``, a limit...)
@@ -32,7 +34,7 @@ ACTIONS = (
 SELF_SERVICE = frozenset({"user.read", "key.read", "key.create", "key.rotate", "key.revoke"})
 # The only body fields a plain user may send, per action.
 USER_FIELDS: dict[str, frozenset[str]] = {
-    "key.create": frozenset({"name", "models", "expires"}),
+    "key.create": frozenset({"name", "models", "expires", "allow_ips"}),
     "key.rotate": frozenset({"overlap"}),
 }
 

@@ -5,6 +5,9 @@ user). Its own model list may only narrow its owner's access: creation refuses a
 the owner may not use and any pattern that matches no configured model the owner may use (the
 gateway also intersects the two on every request, so a later narrowing of the owner wins).
 
+A key may carry limits of its own (admins only) and a network allow-list (``allow_ips``, which
+its owner may set too): both the user's list and the key's apply, so a key's list only narrows.
+
 Rotation keeps the key's id, name, models and expiry and gives it a new value; the old value
 keeps working for ``overlap`` (default one hour; zero stops it at once).
 
@@ -15,7 +18,7 @@ so ``/me`` routes can't probe other users' key ids.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +68,7 @@ def _owned(conn: Connection, key_id: int, owner: str | None) -> repo.KeyRecord:
 def create_key(
     ctx: Context, *, name: str, user: str | None = None, models: Sequence[str] | None = None,
     expires: dt.timedelta | None = None, admin: bool = False,
+    limits: Mapping[str, int | None] | None = None, allow_ips: Sequence[str] | None = None,
 ) -> tuple[str, repo.KeyRecord]:
     """Create a key; returns ``(the whole key, its record)``."""
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
@@ -74,6 +78,8 @@ def create_key(
         raise InvalidRequest("give at least one model, or leave models out", param="models")
     if expires is not None and expires <= dt.timedelta(0):
         raise InvalidRequest("expires must be a positive duration", param="expires")
+    lim = validation.merged_limits(None, validation.limits(limits or {}))
+    ips = validation.allow_ips(allow_ips)
     owner_name = user or (access.ADMIN_USER if admin else access.DEFAULT_USER)
     with ctx.engine.begin() as conn:
         owner = user_svc.need(conn, owner_name)
@@ -99,12 +105,14 @@ def create_key(
         rec = repo.insert_key(
             conn, name=name, prefix=keyfmt.display_prefix(key), digest=keyfmt.digest(key),
             models=pats, expires_at=(repo.utcnow() + expires) if expires else None,
-            admin=owner.role == "admin", user_id=owner.id,
+            admin=owner.role == "admin", user_id=owner.id, limits=lim or None, allow_ips=ips,
         )
         audit.record(conn, ctx, "key.create", "key", rec.id, {
             "name": name, "user": owner_name, "prefix": rec.prefix,
             "models": list(pats) if pats is not None else None,
             "expires_at": rec.expires_at.isoformat() + "Z" if rec.expires_at else None,
+            **({"limits": lim} if lim else {}),
+            **({"allow_ips": list(ips)} if ips else {}),
         })
     return key, rec
 
@@ -177,4 +185,6 @@ def as_json(v: KeyView) -> dict[str, Any]:
         "created_at": t(r.created_at), "expires_at": t(r.expires_at),
         "last_used_at": t(r.last_used_at), "revoked_at": t(r.revoked_at),
         "rotated_at": t(r.rotated_at), "previous_valid_until": t(r.previous_valid_until),
+        "limits": user_svc.admission_json(r.limits, None)["limits"],
+        "allow_ips": user_svc.list_or_none(r.allow_ips),
     }

@@ -22,6 +22,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    null,
     or_,
     select,
     update,
@@ -39,6 +40,20 @@ def _tx(bind: Bind) -> Iterator[Connection]:
     else:
         with bind.begin() as conn:
             yield conn
+
+
+_JSON_ADMISSION = ("limits", "allow_ips")
+
+
+def _sql_nulls(values: dict[str, Any]) -> dict[str, Any]:
+    """An unset limit or allow-list is SQL NULL, not JSON ``null``, so ``IS NULL`` finds it."""
+    out = dict(values)
+    for k in _JSON_ADMISSION:
+        if k in out:
+            v = out[k]
+            out[k] = null() if v is None or (k == "limits" and not v) else (
+                list(v) if k == "allow_ips" else v)
+    return out
 
 
 def utcnow() -> dt.datetime:
@@ -61,6 +76,8 @@ class KeyRecord:
     previous_digest: str | None = None
     previous_valid_until: dt.datetime | None = None
     rotated_at: dt.datetime | None = None
+    limits: dict[str, int] | None = None
+    allow_ips: tuple[str, ...] | None = None
 
     def rotating(self, now: dt.datetime) -> bool:
         """Whether the previous value still works (a rotation's overlap hasn't ended)."""
@@ -89,6 +106,8 @@ def _record(row: object) -> KeyRecord:
         previous_digest=m["previous_digest"],
         previous_valid_until=m["previous_valid_until"],
         rotated_at=m["rotated_at"],
+        limits=m["limits"] or None,
+        allow_ips=_tuple(m["allow_ips"]),
     )
 
 
@@ -107,6 +126,8 @@ def insert_key(
     expires_at: dt.datetime | None,
     admin: bool = False,
     user_id: int | None = None,
+    limits: dict[str, int] | None = None,
+    allow_ips: Sequence[str] | None = None,
 ) -> KeyRecord:
     """Insert a key. Without ``user_id`` it belongs to the built-in ``admin`` or ``default``."""
     now = utcnow()
@@ -124,6 +145,7 @@ def insert_key(
                 expires_at=expires_at,
                 updated_at=now,
                 user_id=user_id,
+                **_sql_nulls({"limits": limits, "allow_ips": allow_ips}),
             )
         )
         key_id = res.inserted_primary_key[0]  # type: ignore[index]
@@ -208,6 +230,27 @@ def touch_keys_of(bind: Bind, user_ids: Iterable[int]) -> int:
         return int(res.rowcount or 0)
 
 
+def update_key(bind: Bind, key_id: int, **values: Any) -> None:
+    """Set ``limits`` and/or ``allow_ips`` of one key and bump its ``updated_at``."""
+    with _tx(bind) as conn:
+        conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(
+            **_sql_nulls(values), updated_at=utcnow()))
+
+
+def any_limits(engine: Engine) -> bool:
+    """Whether any user, group or key has a limit or a quota set (allow-lists don't count:
+    they keep no counter, so several workers apply them alike)."""
+    checks = (
+        select(users.c.id).where(users.c.limits.is_not(None) | users.c.quota_tokens.is_not(None)),
+        select(groups.c.id).where(
+            groups.c.limits.is_not(None) | groups.c.quota_tokens.is_not(None)),
+        select(api_keys.c.id).where(api_keys.c.limits.is_not(None)
+                                    & api_keys.c.revoked_at.is_(None)),
+    )
+    with engine.connect() as conn:
+        return any(conn.execute(q.limit(1)).first() is not None for q in checks)
+
+
 def changed_since(engine: Engine, since: dt.datetime) -> list[tuple[int, str, str | None]]:
     """``(id, digest, previous digest)`` of every key changed since ``since``: the change feed."""
     q = select(api_keys.c.id, api_keys.c.digest, api_keys.c.previous_digest).where(
@@ -261,6 +304,24 @@ class KeyGrant:
     user_enabled: bool
     user_models: tuple[str, ...] | None
     groups: tuple[tuple[str, tuple[str, ...]], ...]  # (group name, its patterns)
+    user_limits: dict[str, int] | None = None
+    user_quota: tuple[int, str] | None = None  # (tokens, period)
+    user_allow_ips: tuple[str, ...] | None = None
+    group_admission: tuple[GroupAdmission, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAdmission:
+    """What one of a key's groups sets for admission: limits, a quota, a fair-share weight."""
+
+    name: str
+    limits: dict[str, int] | None
+    quota: tuple[int, str] | None  # (tokens, period)
+    weight: float
+
+
+def _quota(tokens: int | None, period: str | None) -> tuple[int, str] | None:
+    return (int(tokens), period or "month") if tokens is not None else None
 
 
 def _grants(conn: Connection, where: Any) -> list[KeyGrant]:
@@ -275,28 +336,39 @@ def _grants(conn: Connection, where: Any) -> list[KeyGrant]:
     q = (
         select(api_keys, users.c.id.label("u_id"), users.c.name.label("u_name"),
                users.c.role.label("u_role"), users.c.enabled.label("u_enabled"),
-               users.c.models.label("u_models"))
+               users.c.models.label("u_models"), users.c.limits.label("u_limits"),
+               users.c.quota_tokens.label("u_quota_tokens"),
+               users.c.quota_period.label("u_quota_period"),
+               users.c.allow_ips.label("u_allow_ips"))
         .join(users, users.c.id == owner)
         .where(where)
     )
     rows = list(conn.execute(q))
     uids = {r._mapping["u_id"] for r in rows}
     member: dict[int, list[tuple[str, tuple[str, ...]]]] = {}
+    admission: dict[int, list[GroupAdmission]] = {}
     if uids:
         gq = (
-            select(user_groups.c.user_id, groups.c.name, groups.c.models)
+            select(user_groups.c.user_id, groups.c.name, groups.c.models, groups.c.limits,
+                   groups.c.quota_tokens, groups.c.quota_period, groups.c.weight)
             .join(groups, groups.c.id == user_groups.c.group_id)
             .where(user_groups.c.user_id.in_(sorted(uids)))
             .order_by(groups.c.name)
         )
-        for uid, gname, gmodels in conn.execute(gq):
+        for uid, gname, gmodels, glimits, qt, qp, w in conn.execute(gq):
             member.setdefault(uid, []).append((gname, tuple(gmodels or ())))
+            admission.setdefault(uid, []).append(
+                GroupAdmission(gname, glimits or None, _quota(qt, qp), float(w)))
     out = []
     for r in rows:
         m = r._mapping
         out.append(KeyGrant(
             key=_record(r), user_id=m["u_id"], user=m["u_name"], role=m["u_role"], user_enabled=bool(m["u_enabled"]),
             user_models=_tuple(m["u_models"]), groups=tuple(member.get(m["u_id"], ())),
+            user_limits=m["u_limits"] or None,
+            user_quota=_quota(m["u_quota_tokens"], m["u_quota_period"]),
+            user_allow_ips=_tuple(m["u_allow_ips"]),
+            group_admission=tuple(admission.get(m["u_id"], ())),
         ))
     return out
 
@@ -330,6 +402,9 @@ class UserRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     groups: tuple[str, ...]
+    limits: dict[str, int] | None = None
+    quota: tuple[int, str] | None = None  # (tokens, period)
+    allow_ips: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +416,8 @@ class GroupRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     members: tuple[str, ...]
+    limits: dict[str, int] | None = None
+    quota: tuple[int, str] | None = None  # (tokens, period)
 
 
 def _memberships(conn: Connection) -> list[tuple[int, int, str, str]]:
@@ -368,6 +445,8 @@ def list_users(bind: Bind, name: str | None = None) -> list[UserRecord]:
             id=m["id"], name=m["name"], role=m["role"], source=m["source"],
             models=_tuple(m["models"]), enabled=bool(m["enabled"]), created_at=m["created_at"],
             updated_at=m["updated_at"], groups=tuple(by_user.get(m["id"], ())),
+            limits=m["limits"] or None, quota=_quota(m["quota_tokens"], m["quota_period"]),
+            allow_ips=_tuple(m["allow_ips"]),
         )
         for m in (r._mapping for r in rows)
     ]
@@ -384,24 +463,28 @@ def user_names(bind: Bind) -> dict[int, str]:
 
 
 def insert_user(
-    bind: Bind, *, name: str, role: str, models: Sequence[str] | None, source: str = "local"
+    bind: Bind, *, name: str, role: str, models: Sequence[str] | None, source: str = "local",
+    **admission: Any,
 ) -> int:
+    """Insert a user; ``admission`` sets ``limits``, ``quota_tokens``, ``quota_period``,
+    ``allow_ips``."""
     now = utcnow()
     with _tx(bind) as conn:
         res = conn.execute(insert(users).values(
             name=name, role=role, source=source, enabled=True, created_at=now, updated_at=now,
-            models=list(models) if models is not None else None,
+            models=list(models) if models is not None else None, **_sql_nulls(admission),
         ))
         return int(res.inserted_primary_key[0])  # type: ignore[index]
 
 
 def update_user(bind: Bind, user_id: int, **values: Any) -> None:
-    """Set columns of one user (``role``, ``models``, ``enabled``) and bump its keys."""
+    """Set columns of one user (``role``, ``models``, ``enabled``, ``limits``, ``quota_*``,
+    ``allow_ips``) and bump its keys."""
     if "models" in values and values["models"] is not None:
         values["models"] = list(values["models"])
     with _tx(bind) as conn:
         conn.execute(update(users).where(users.c.id == user_id).values(
-            **values, updated_at=utcnow()))
+            **_sql_nulls(values), updated_at=utcnow()))
         touch_keys_of(conn, [user_id])
 
 
@@ -444,6 +527,7 @@ def list_groups(bind: Bind, name: str | None = None) -> list[GroupRecord]:
             id=m["id"], name=m["name"], models=tuple(m["models"] or ()), weight=float(m["weight"]),
             created_at=m["created_at"], updated_at=m["updated_at"],
             members=tuple(by_group.get(m["id"], ())),
+            limits=m["limits"] or None, quota=_quota(m["quota_tokens"], m["quota_period"]),
         )
         for m in (r._mapping for r in rows)
     ]
@@ -454,11 +538,15 @@ def get_group(bind: Bind, name: str) -> GroupRecord | None:
     return found[0] if found else None
 
 
-def insert_group(bind: Bind, *, name: str, models: Sequence[str], weight: float) -> int:
+def insert_group(
+    bind: Bind, *, name: str, models: Sequence[str], weight: float, **admission: Any
+) -> int:
+    """Insert a group; ``admission`` sets ``limits``, ``quota_tokens``, ``quota_period``."""
     now = utcnow()
     with _tx(bind) as conn:
         res = conn.execute(insert(groups).values(
-            name=name, models=list(models), weight=weight, created_at=now, updated_at=now))
+            name=name, models=list(models), weight=weight, created_at=now, updated_at=now,
+            **_sql_nulls(admission)))
         return int(res.inserted_primary_key[0])  # type: ignore[index]
 
 
@@ -468,12 +556,12 @@ def _member_ids(conn: Connection, group_id: int) -> list[int]:
 
 
 def update_group(bind: Bind, group_id: int, **values: Any) -> None:
-    """Set ``models`` and/or ``weight`` of one group and bump every member's keys."""
+    """Set ``models``, ``weight``, ``limits``, ``quota_*`` of one group; bump members' keys."""
     if "models" in values:
         values["models"] = list(values["models"])
     with _tx(bind) as conn:
         conn.execute(update(groups).where(groups.c.id == group_id).values(
-            **values, updated_at=utcnow()))
+            **_sql_nulls(values), updated_at=utcnow()))
         touch_keys_of(conn, _member_ids(conn, group_id))
 
 

@@ -50,11 +50,11 @@ def test_groups(cfg):
     run("groups", "create", "--config", cfg, "empty")
     run("users", "create", "--config", cfg, "alice", "--group", "nlp")
     assert rows(run("groups", "list", "--config", cfg).stdout) == [
-        ["empty", "-", "1", "-"], ["nlp", "Qwen/*,demo", "2", "alice"]]
+        ["empty", "-", "1", "-", "-"], ["nlp", "Qwen/*,demo", "2", "alice", "-"]]
     run("groups", "update", "--config", cfg, "nlp", "--weight", "0.5")
     run("groups", "update", "--config", cfg, "empty", "--models", "demo")
     assert rows(run("groups", "list", "--config", cfg).stdout) == [
-        ["empty", "demo", "1", "-"], ["nlp", "Qwen/*,demo", "0.5", "alice"]]
+        ["empty", "demo", "1", "-", "-"], ["nlp", "Qwen/*,demo", "0.5", "alice", "-"]]
     run("groups", "update", "--config", cfg, "nlp", "--models", "")
     assert rows(run("groups", "list", "--config", cfg).stdout)[1][1] == "-"
     refused("groups", "delete", "--config", cfg, "nlp", reason="still has 1 member(s)")
