@@ -301,7 +301,10 @@ class Templates:
     def up(self, principal: Principal, name: str) -> dict[str, Any]:
         """``POST /up``: start (or keep) the model; answers at once, idempotently."""
         g = self.ensure(principal, name)
-        self.pool.up(name)
+        if not g.failed_now():
+            # Polling /up is how Autoserve's clients wait: a failure must stay visible to
+            # them (until restart.failed_cooldown_s ends), not be cleared by the next poll.
+            self.pool.up(name)
         status = g.status()
         if name in self.after:
             return {

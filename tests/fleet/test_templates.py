@@ -319,3 +319,37 @@ async def test_model_path_without_templates_is_404() -> None:
     with pytest.raises(GatewayError) as e:
         await api_handlers.fleet_up(pool, ADMIN, {"model_path": "Qwen/A"}, None)
     assert (e.value.status, e.value.error_code) == (404, "model_not_found")
+
+
+@pytest.mark.asyncio
+async def test_an_engine_that_exits_at_once_makes_up_answer_failed(tmp_path: Any) -> None:
+    import sys
+
+    settings = config.parse({
+        "fleet": {"control_interval_s": 0.05, "state_dir": str(tmp_path / "state")},
+        "templates": [tpl(
+            backend={
+                "type": "local",
+                "command": [sys.executable, "-c", "import sys; sys.exit(3)", "{port}",
+                            "{model_path}"],
+                "log_dir": str(tmp_path / "logs"),
+                "health_interval_s": 0.1,
+            },
+            restart={"max_restarts": 0, "backoff_initial_s": 0},
+            launch=["research"],
+        )],
+    })
+    pool = Pool(settings)
+    t = Templates(settings.templates, pool, RouteTable(), interval_s=0.05)
+    await pool.start()
+    try:
+        assert t.up(ADMIN, "Qwen/broken")["status"] == "pending"
+        await until(lambda: pool.groups["Qwen/broken"].failed_now(), "failed")
+        # Polling /up again answers failed (it doesn't clear the hold and relaunch).
+        for who, detail in ((ADMIN, "exited with code 3"), (RESEARCHER, "an admin can see")):
+            doc = t.up(who, "Qwen/broken")
+            assert doc["status"] == "failed" and detail in doc["detail"], doc
+        assert pool.groups["Qwen/broken"].stats.launches == 1
+        assert t.reap() == []  # a failure stays visible until its cooldown ends
+    finally:
+        await pool.stop(timeout_s=5)
