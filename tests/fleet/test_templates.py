@@ -353,3 +353,27 @@ async def test_an_engine_that_exits_at_once_makes_up_answer_failed(tmp_path: Any
         assert t.reap() == []  # a failure stays visible until its cooldown ends
     finally:
         await pool.stop(timeout_s=5)
+
+
+def test_a_slurm_template_puts_the_path_in_the_job_script_as_one_argument() -> None:
+    import shlex
+
+    from fleetgate.fleet.slurm_script import JobParams, render
+
+    (t,) = templates_of(tpl(backend={
+        "type": "slurm",
+        "command": "vllm serve {model_path} --port {port} --served-model-name {served_name}",
+        "discovery": "callback",
+        "callback_url": "http://gw:8000",
+        "partition": "gpu",
+    }))
+    m = Templates.settings_for(t, "/scratch/ckpt/run-7")
+    script = render(m.backend, JobParams(
+        model=m.name, served_name=m.upstream_name, replica_id="r1", job_name="fg-r1",
+        token="t" * 20, log_path="/tmp/%j.log", report_to="http://gw:8000/v1/fleet/callback",
+    ))
+    (exec_line,) = [ln for ln in script.splitlines() if ln.startswith("exec ")]
+    argv = shlex.split(exec_line)
+    assert argv[:4] == ["exec", "vllm", "serve", "/scratch/ckpt/run-7"]
+    assert argv[argv.index("--served-model-name") + 1] == "/scratch/ckpt/run-7"
+    assert "#SBATCH --partition=gpu" in script
