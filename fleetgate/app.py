@@ -34,8 +34,11 @@ from fleetgate.dataplane.routes import RouteTable
 from fleetgate.errors import GatewayError
 from fleetgate.fleet.pool import Pool
 from fleetgate.fleet.templates import Templates
+from fleetgate.limits import quotas
 from fleetgate.limits.backend import create as create_backend
+from fleetgate.limits.spec import Quota, Subject
 from fleetgate.proxy.client import Upstream
+from fleetgate.store import repo
 from fleetgate.store.db import migrate, open_engine
 from fleetgate.store.usage_writer import UsageWriter
 
@@ -136,6 +139,8 @@ class Gateway:
                 log.warning("could not load keys at start-up: %s", type(e).__name__)
         await self.upstream.start()
         await self.limits.start()
+        if self.settings.auth.mode == "keys":
+            await self._seed_quotas()
         await self.pool.start()
         self._tasks = [
             asyncio.create_task(self.authn.run_refresher(), name="key-refresher"),
@@ -144,6 +149,26 @@ class Gateway:
         if self.templates:
             self._tasks.append(asyncio.create_task(self.templates.run(), name="templates"))
         self.started = True
+
+    async def _seed_quotas(self) -> None:
+        """Start each quota's counter at what the usage records say was used this period, so a
+        restart doesn't hand out a month's quota again (Redis keeps a counter that exists)."""
+        now = time.time()
+        try:
+            found = await asyncio.to_thread(
+                repo.quota_usage, self.engine,
+                quotas.period_start(now, "day").replace(tzinfo=None),
+                quotas.period_start(now, "month").replace(tzinfo=None))
+            for q in found:
+                await self.limits.seed_quota(Subject.of(q.kind, q.name),
+                                             Quota(q.tokens, q.period),  # type: ignore[arg-type]
+                                             q.used, now)
+        except Exception as e:
+            log.error("could not seed quota counters from the usage records (%s): quotas count "
+                      "from zero until the next period", type(e).__name__)
+        else:
+            if found:
+                log.info("seeded %d quota counters from the usage records", len(found))
 
     async def shutdown(self) -> None:
         self.started = False

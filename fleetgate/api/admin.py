@@ -29,7 +29,7 @@ from fleetgate.auth import keys as keyfmt
 from fleetgate.auth.principals import Principal
 from fleetgate.config import Settings
 from fleetgate.errors import InvalidRequest
-from fleetgate.services import Actor, Context, audit, authz
+from fleetgate.services import Actor, Context, audit, authz, usage_report
 from fleetgate.services import groups as group_svc
 from fleetgate.services import keys as key_svc
 from fleetgate.services import users as user_svc
@@ -165,6 +165,10 @@ QUERIES: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
         "limit": {"type": "string", "pattern": "^[0-9]{1,4}$"},
         "since": {"type": "string", "pattern": "^[0-9]+[smhdw]$"},
         "actor": _NAME_Q,
+    },
+    ("GET", PREFIX + "/usage"): {
+        "by": {"type": "string", "enum": list(usage_report.BY)},
+        "since": {"type": "string", "pattern": "^[0-9]+[smhdw]$"},
     },
 }
 
@@ -376,21 +380,26 @@ class AdminRoutes:
     async def list_audit(self, req: Request) -> None:
         ctx = await self._may(req, "audit.read")
         q = req.query()
+        since = _since(q.get("since", [None])[0])
         limit_s = q.get("limit", ["100"])[0]
         if not _whole(limit_s):
             raise InvalidRequest("limit must be a whole number.", param="limit")
-        since_s = q.get("since", [None])[0]
-        since = None
-        if since_s is not None:
-            try:
-                since = utcnow() - keyfmt.parse_duration(since_s)
-            except ValueError as e:
-                raise InvalidRequest(f"since: {e}", param="since") from None
-            except OverflowError:  # before year 1, or more days than a timedelta holds
-                raise InvalidRequest("since is out of range.", param="since") from None
         entries = await self._run(audit.list_entries, ctx, limit=int(limit_s[:6]), since=since,
                                   actor=q.get("actor", [None])[0])
         await send_json(req.send, 200, {"data": [audit.as_json(e) for e in entries]})
+
+    # -- usage ----------------------------------------------------------------------------------
+
+    async def usage(self, req: Request) -> None:
+        """Admins: everyone's usage. A user: their own, whatever they ask for."""
+        p = req.caller
+        ctx = await self._may(req, "usage.read", p.user)
+        q = req.query()
+        since = _since(q.get("since", [None])[0])
+        by = q.get("by", ["key"])[0]
+        rows = await self._run(usage_report.totals, ctx, by=by, since=since,
+                               user_id=None if p.admin else _own_id(p))
+        await send_json(req.send, 200, {"by": by, "data": rows})
 
     # -- me -------------------------------------------------------------------------------------
 
@@ -398,9 +407,19 @@ class AdminRoutes:
         p = req.caller
         ctx = await self._may(req, "user.read", p.user)
         u = await self._run(user_svc.get_user, ctx, p.user)
+        quotas = await self._run(usage_report.quotas_of, ctx, u.id)
         await send_json(req.send, 200, {
             **user_svc.as_json(u),
             "key": {"id": p.key_id, "name": p.name, "prefix": p.key_prefix},
+            # What admission applies to this key (a model's own limits come on top).
+            "applied_limits": [
+                {"subject": s.kind, "name": s.id, **{k: getattr(lim, k) for k in LIMIT_FIELDS}}
+                for s, lim in p.limits
+            ],
+            "quotas": [{"subject": v.subject, "tokens": v.tokens, "period": v.period,
+                        "used": v.used, "left": v.left,
+                        "resets_at": v.resets_at.replace(tzinfo=None).isoformat() + "Z"}
+                       for v in quotas],
         })
 
     async def my_keys(self, req: Request) -> None:
@@ -451,7 +470,12 @@ class AdminRoutes:
              "Give a key a new value; the old one works for the overlap (default 1h)."),
             ("GET", "/audit", self.list_audit, "admin", "audit.read",
              "The audit log, newest first (?limit, ?since=7d, ?actor)."),
-            ("GET", "/me", self.me, "key", "user.read", "The caller's user and key."),
+            ("GET", "/usage", self.usage, "key", "usage.read",
+             "Requests and tokens (?by=user|key|model|day, ?since=7d); a user sees only their "
+             "own."),
+            ("GET", "/me", self.me, "key", "user.read",
+             "The caller's user and key, the limits that apply, and each quota with what is "
+             "left."),
             ("GET", "/me/keys", self.my_keys, "key", "key.read", "The caller's keys."),
             ("POST", "/me/keys", self.create_my_key, "key", "key.create",
              "Create a key for yourself (name, models, expires, allow_ips)."),
@@ -467,6 +491,24 @@ class AdminRoutes:
             out.append(Route(method, PREFIX + path, checked, auth, summary))  # type: ignore[arg-type]
         out.append(openapi_route(PREFIX + "/openapi.json", out, BODIES, QUERIES))
         return out
+
+
+def _since(text: str | None) -> dt.datetime | None:
+    """``?since=7d`` as the time that long ago; None without one."""
+    if text is None:
+        return None
+    try:
+        return utcnow() - keyfmt.parse_duration(text)
+    except ValueError as e:
+        raise InvalidRequest(f"since: {e}", param="since") from None
+    except OverflowError:  # before year 1, or more days than a timedelta holds
+        raise InvalidRequest("since is out of range.", param="since") from None
+
+
+def _own_id(p: Principal) -> int:
+    if p.user_id is None:  # a static token has no user in the store: nothing of theirs to show
+        return -1
+    return p.user_id
 
 
 def _has_body(req: Request) -> bool:

@@ -170,7 +170,9 @@ class Pipeline:
         stream: bool,
         tap: UsageTap,
         started: float,
+        gone: ClientGone | None = None,
     ) -> None:
+        first = tap.first_byte_at
         self.usage.record(
             UsageEvent(
                 key_id=principal.key_id,
@@ -182,6 +184,10 @@ class Pipeline:
                 completion_tokens=tap.completion_tokens,
                 latency_ms=int((time.monotonic() - started) * 1000),
                 created_at=utcnow(),
+                user_id=principal.user_id,
+                ttft_ms=int((first - started) * 1000) if first is not None else None,
+                # A client that left before any answer (while queued, say) is a disconnect too.
+                disconnected=tap.disconnected or (gone is not None and gone.gone and first is None),
             )
         )
 
@@ -260,7 +266,7 @@ class Pipeline:
             if slot is not None:
                 slot.release()
             grant.settle(tap.prompt_tokens, tap.completion_tokens)
-            self.account(principal, route, endpoint, status, req.stream, tap, started)
+            self.account(principal, route, endpoint, status, req.stream, tap, started, gone)
 
 
 class _WithHeaders:

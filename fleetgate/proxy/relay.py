@@ -12,11 +12,14 @@ Promises:
   a 502 ``upstream_response_too_large``), its usage noted, and sent;
 - an upstream failure after the stream has started ends the stream with an OpenAI-style error
   event; before that it raises a :class:`GatewayError` for the one error handler;
-- :attr:`UsageTap.disconnected` tells the accounting that the client left before the end.
+- :attr:`UsageTap.disconnected` tells the accounting that the client left before the end;
+  :attr:`UsageTap.first_byte_at` when the first byte of the upstream's answer was sent on (time
+  to first token).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fleetgate.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
@@ -139,6 +142,7 @@ async def relay_whole(resp: UpstreamResponse, send: Send, tap: UsageTap) -> None
     await send(
         {"type": "http.response.start", "status": resp.status, "headers": _headers(resp, len(data))}
     )
+    tap.first_byte_at = time.monotonic()
     await send({"type": "http.response.body", "body": data})
 
 
@@ -156,6 +160,8 @@ async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: 
                 events = events.replace(b"\r\n", b"\n")
             out = tap.events(events)
             if out:
+                if tap.first_byte_at is None:
+                    tap.first_byte_at = time.monotonic()
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except TimeoutError:
         error = UpstreamTimeout("The model's server stopped sending mid-stream.")

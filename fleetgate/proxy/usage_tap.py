@@ -90,6 +90,7 @@ def _as_rewrite(r: tuple[bytes, bytes] | Rewrite | None) -> Rewrite | None:
 class UsageTap:
     __slots__ = (
         *("hide_usage_event", "strip_chunk_usage", "rewrite", "done", "disconnected"),
+        "first_byte_at",
         *("content_events", "_usage_raw", "_prompt", "_completion", "_parsed"),
     )
 
@@ -107,6 +108,8 @@ class UsageTap:
         self.done = False
         #: Set by the relay when the client went away before the stream ended.
         self.disconnected = False
+        #: Set by the relay (``time.monotonic()``) as the first byte of the answer goes out.
+        self.first_byte_at: float | None = None
         #: Events relayed that carried generated text: the fallback count.
         self.content_events = 0
         self._usage_raw: bytes | None = None

@@ -2,7 +2,8 @@
 
 Role ``admin`` may do everything. Role ``user`` may only:
 
-* read their own user (``user.read`` with themselves as the target);
+* read their own user (``user.read`` with themselves as the target) and their own usage
+  (``usage.read``);
 * list, read, create, rotate and revoke their own keys (``key.*`` with themselves as owner),
   sending no field but ``name``, ``models`` (a key's list can only narrow, see
   :mod:`fleetgate.services.keys`), ``expires`` and ``allow_ips`` (a key's network list: the
@@ -28,10 +29,11 @@ ACTIONS = (
     "user.read", "user.create", "user.update", "user.delete", "user.enable", "user.disable",
     "group.read", "group.create", "group.update", "group.delete",
     "key.read", "key.create", "key.rotate", "key.revoke",
-    "audit.read",
+    "audit.read", "usage.read",
 )
 # What a plain user may do, on their own objects only.
-SELF_SERVICE = frozenset({"user.read", "key.read", "key.create", "key.rotate", "key.revoke"})
+SELF_SERVICE = frozenset({"user.read", "key.read", "key.create", "key.rotate", "key.revoke",
+                          "usage.read"})
 # The only body fields a plain user may send, per action.
 USER_FIELDS: dict[str, frozenset[str]] = {
     "key.create": frozenset({"name", "models", "expires", "allow_ips"}),

@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import String, func, or_, select
+from sqlalchemy import String, case, func, or_, select
 
 from fleetgate.limits import quotas
 from fleetgate.services import Context
@@ -119,4 +120,59 @@ def quotas_of(ctx: Context, user_id: int) -> list[QuotaView]:
         used = _used_since(ctx, uids, start.replace(tzinfo=None))
         out.append(QuotaView(subject, tokens, period, used, max(0, tokens - used),
                              quotas.period_end(now, period)))  # type: ignore[arg-type]
+    return out
+
+
+BY = ("user", "key", "model", "day")
+
+
+def totals(
+    ctx: Context, *, by: str = "key", since: dt.datetime | None = None,
+    user_id: int | None = None,
+) -> list[dict[str, object]]:
+    """Requests and tokens grouped by ``user``, ``key``, ``model`` or ``day`` (UTC), since
+    ``since`` (everything if None), for everyone or one user. Each row has the dimension's key
+    (``user``: a name; ``key``: its id, with ``key_name`` and ``user``; ``model``; ``day``:
+    ``YYYY-MM-DD``) plus ``requests``, ``prompt_tokens``, ``completion_tokens``,
+    ``total_tokens`` and ``disconnected`` (requests whose client left early)."""
+    if by not in BY:
+        raise ValueError(f"by must be one of {', '.join(BY)}")
+    owner = _owner()
+    choices: dict[str, list[Any]] = {
+        "user": [users.c.name],
+        "key": [usage_events.c.key_id, api_keys.c.name, users.c.name],
+        "model": [usage_events.c.model],
+        "day": [func.date(usage_events.c.created_at, type_=String)],
+    }
+    dims = choices[by]
+    q = (
+        select(*dims, func.count(),
+               func.coalesce(func.sum(usage_events.c.prompt_tokens), 0),
+               func.coalesce(func.sum(usage_events.c.completion_tokens), 0),
+               func.coalesce(func.sum(case((usage_events.c.disconnected.is_(True), 1),
+                                           else_=0)), 0))
+        .select_from(usage_events.outerjoin(api_keys, api_keys.c.id == usage_events.c.key_id)
+                     .outerjoin(users, users.c.id == owner))
+        .group_by(*dims)
+        .order_by(*dims)
+    )
+    if since is not None:
+        q = q.where(usage_events.c.created_at >= since)
+    if user_id is not None:
+        q = q.where(owner == user_id)
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(q).all()
+    out: list[dict[str, object]] = []
+    for r in rows:
+        n = len(dims)
+        head: dict[str, object]
+        if by == "key":
+            head = {"key": r[0], "key_name": r[1], "user": r[2]}
+        elif by == "day":
+            head = {"day": str(r[0])[:10]}
+        else:
+            head = {by: r[0]}
+        p, c = int(r[n + 1]), int(r[n + 2])
+        out.append({**head, "requests": int(r[n]), "prompt_tokens": p, "completion_tokens": c,
+                    "total_tokens": p + c, "disconnected": int(r[n + 3])})
     return out

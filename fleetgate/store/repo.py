@@ -625,11 +625,19 @@ class UsageEvent:
     completion_tokens: int
     latency_ms: int
     created_at: dt.datetime
+    user_id: int | None = None
+    ttft_ms: int | None = None  # to the first byte relayed to the client; None: none was
+    disconnected: bool = False  # the client left before the end
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 _USAGE_COLUMNS = (
     "key_id", "model", "endpoint", "status", "stream",
     "prompt_tokens", "completion_tokens", "latency_ms", "created_at",
+    "user_id", "ttft_ms", "disconnected",
 )
 
 
@@ -658,6 +666,7 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
         values = (
             e.key_id, e.model, e.endpoint, e.status, e.stream,
             e.prompt_tokens, e.completion_tokens, e.latency_ms, e.created_at,
+            e.user_id, e.ttft_ms, e.disconnected,
         )
         rows.append(tuple(p(v) if p else v for p, v in zip(procs, values, strict=True)))
     if not rows:
@@ -665,6 +674,58 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
     with engine.begin() as conn:
         conn.exec_driver_sql(sql, rows)
     return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaUse:
+    """A quota set on a user or group, and the tokens its owners used in the current period."""
+
+    kind: str  # user | group
+    name: str
+    tokens: int
+    period: str  # day | month
+    used: int
+
+
+def quota_usage(engine: Engine, day_start: dt.datetime, month_start: dt.datetime) -> list[QuotaUse]:
+    """Every quota in the store with its use so far, summed from the usage records: what the
+    gateway seeds its counters with at start-up. A group's use is its current members' (one
+    query for all users, grouped by owner)."""
+    owner = func.coalesce(usage_events.c.user_id, api_keys.c.user_id)
+    tokens = usage_events.c.prompt_tokens + usage_events.c.completion_tokens
+    since = min(day_start, month_start)
+    q = (
+        select(owner,
+               func.coalesce(func.sum(case((usage_events.c.created_at >= day_start, tokens),
+                                           else_=0)), 0),
+               func.coalesce(func.sum(case((usage_events.c.created_at >= month_start, tokens),
+                                           else_=0)), 0))
+        .select_from(usage_events.outerjoin(api_keys, api_keys.c.id == usage_events.c.key_id))
+        .where(usage_events.c.created_at >= since)
+        .group_by(owner)
+    )
+    with engine.connect() as conn:
+        us = conn.execute(select(users.c.id, users.c.name, users.c.quota_tokens,
+                                 users.c.quota_period)
+                          .where(users.c.quota_tokens.is_not(None))).all()
+        gs = conn.execute(select(groups.c.id, groups.c.name, groups.c.quota_tokens,
+                                 groups.c.quota_period)
+                          .where(groups.c.quota_tokens.is_not(None))).all()
+        if not us and not gs:
+            return []
+        members: dict[int, list[int]] = {}
+        for uid, gid in conn.execute(select(user_groups.c.user_id, user_groups.c.group_id)):
+            members.setdefault(gid, []).append(uid)
+        used = {uid: (int(d), int(m)) for uid, d, m in conn.execute(q) if uid is not None}
+
+    def of(uids: Iterable[int], period: str) -> int:
+        i = 0 if period == "day" else 1
+        return sum(used.get(u, (0, 0))[i] for u in uids)
+
+    out = [QuotaUse("user", n, int(t), p or "month", of([i], p or "month")) for i, n, t, p in us]
+    out += [QuotaUse("group", n, int(t), p or "month", of(members.get(i, ()), p or "month"))
+            for i, n, t, p in gs]
+    return out
 
 
 def usage_totals(engine: Engine, since: dt.datetime | None = None) -> list[dict[str, object]]:

@@ -84,7 +84,8 @@ async def test_every_admin_route_refuses_a_user_key_and_audits_it(gw: Any, peopl
 # Every field that could raise a role, join a group, widen access or act for someone else.
 FORBIDDEN_FIELDS = {
     "role": "admin", "groups": ["ops"], "add_groups": ["ops"], "user": "bob", "admin": True,
-    "enabled": True, "weight": 10, "limits": {"rpm": 0},
+    "enabled": True, "weight": 10, "limits": {"rpm": 0}, "quota": {"tokens": 10**9},
+    "rpm": 10**6, "max_tokens": 10**6,
 }
 
 

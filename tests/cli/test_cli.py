@@ -107,4 +107,4 @@ def test_usage_report(cfg):
     assert "105" in out.split("alice")[1]
     recent = run("usage", "--config", str(cfg), "--since", "7d").output
     line = [ln for ln in recent.splitlines() if "alice" in ln][0]
-    assert line.split()[-3:] == ["1", "2", "5"]
+    assert line.split()[-5:] == ["1", "2", "5", "7", "0"]  # requests, prompt, completion, total
