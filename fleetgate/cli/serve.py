@@ -163,6 +163,7 @@ def check_workers(settings: config_mod.Settings, workers: int) -> None:
     if workers == 1:
         return
     launching = [m.name for m in settings.models if m.backend.lifecycle().owns_replicas]
+    launching += [f"templates[{t.name}]" for t in settings.templates]
     if launching:
         raise click.ClickException(
             f"--workers {workers} needs static backends only; these models launch replicas, "

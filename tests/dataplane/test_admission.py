@@ -223,3 +223,21 @@ def test_queued_clients_that_leave_give_their_slots_back(tmp_path: Path, slow_si
         assert done == [200]
         ok = c.post("/v1/chat/completions", json=CHAT)
         assert ok.status_code == 200, ok.text
+
+
+def test_several_workers_are_refused_with_templates(tmp_path: Path) -> None:
+    """Every worker would launch its own replicas of a dynamic model."""
+    import click
+
+    from fleetgate import config
+    from fleetgate.cli.serve import check_workers
+
+    doc = settings_for(tmp_path, "http://127.0.0.1:9").model_dump(mode="json", exclude_none=True)
+    doc["templates"] = [{
+        "name": "qwen", "match": ["Qwen/*"],
+        "backend": {"type": "local", "command": "fleetgate sim --model {model_path} --port {port}"},
+    }]
+    s = config.parse(doc)
+    check_workers(s, 1)
+    with pytest.raises(click.ClickException, match=r"templates\[qwen\]"):
+        check_workers(s, 2)
