@@ -31,7 +31,7 @@ def ldap_doc(s: Slapd, **over: Any) -> dict[str, Any]:
         "group_search": {"base": f"ou=groups,{SUFFIX}", "filter": "(memberUid={username})"},
         "group_map": {LLM_USERS: "research", GPU_POWER: "gpu"},
         "required_group": LLM_USERS,
-        "timeout_s": 3,
+        "timeout_s": 10,  # generous: a busy 2-core CI box handshakes slowly
     }
     doc.update(over)
     return doc
