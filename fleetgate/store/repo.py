@@ -649,7 +649,10 @@ def _usage_insert(engine: Engine) -> tuple[str, list[Any]]:
         raise RuntimeError(f"unsupported paramstyle {d.paramstyle}")
     cols = ", ".join(_USAGE_COLUMNS)
     sql = f"INSERT INTO usage_events ({cols}) VALUES ({', '.join([mark] * len(_USAGE_COLUMNS))})"
-    procs = [usage_events.c[c].type.bind_processor(d) for c in _USAGE_COLUMNS]
+    # The dialect's own type (SQLite's DATETIME formats microseconds always, as every other
+    # query's parameters do; the generic type would leave it to the driver, which drops ".000000"
+    # and so sorts a whole second before the same time written by SQLAlchemy).
+    procs = [usage_events.c[c].type.dialect_impl(d).bind_processor(d) for c in _USAGE_COLUMNS]
     return sql, procs
 
 
