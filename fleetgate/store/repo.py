@@ -230,13 +230,6 @@ def touch_keys_of(bind: Bind, user_ids: Iterable[int]) -> int:
         return int(res.rowcount or 0)
 
 
-def update_key(bind: Bind, key_id: int, **values: Any) -> None:
-    """Set ``limits`` and/or ``allow_ips`` of one key and bump its ``updated_at``."""
-    with _tx(bind) as conn:
-        conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(
-            **_sql_nulls(values), updated_at=utcnow()))
-
-
 def any_limits(engine: Engine) -> bool:
     """Whether any user, group or key has a limit or a quota set (allow-lists don't count:
     they keep no counter, so several workers apply them alike)."""
