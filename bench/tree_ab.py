@@ -2,6 +2,7 @@
 
     python -m bench.tree_ab --before b626ea1 --after HEAD
     python -m bench.tree_ab --before b626ea1 --after HEAD --after-args "--server uvicorn"
+    python -m bench.tree_ab --before HEAD --after HEAD --after-limits   # what limits cost
 
 Each revision is checked out into a temporary git worktree and run from it (``PYTHONPATH``), with
 its own fresh SQLite store and a key made by its own CLI, as ``fleetgate serve`` with one worker,
@@ -51,14 +52,31 @@ def drop_worktree(where: Path) -> None:
                    check=False, capture_output=True)
 
 
-def make_key(tree: Path, cfg: Path) -> str:
+def fleetgate_cli(tree: Path, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(
-        [sys.executable, "-c", "from fleetgate.cli.main import main; main()", "keys", "create",
-         "--config", str(cfg), "--name", "bench"],
+        [sys.executable, "-c", "from fleetgate.cli.main import main; main()", *args],
         env=env, check=True, capture_output=True, text=True, timeout=120,
     )
-    return out.stdout.strip().splitlines()[-1]
+    return out.stdout
+
+
+# Issue 9's bar set-up: a user in a group, an rpm/tpm limit on both and a quota, set high enough
+# that nothing is refused; what is measured is what checking and settling them costs.
+LIMITS = ("--rpm", "100000000", "--tpm", "1000000000000")
+QUOTA = ("--quota-tokens", "1000000000000000", "--quota-period", "month")
+
+
+def make_key(tree: Path, cfg: Path, with_limits: bool = False) -> str:
+    c = ("--config", str(cfg))
+    if not with_limits:
+        return fleetgate_cli(tree, "keys", "create", *c, "--name", "bench").strip().splitlines()[-1]
+    fleetgate_cli(tree, "groups", "create", *c, "bench-group", "--models", "*", *LIMITS, *QUOTA)
+    fleetgate_cli(tree, "users", "create", *c, "bench-user", "--group", "bench-group", *LIMITS,
+                  *QUOTA)
+    out = fleetgate_cli(tree, "keys", "create", *c, "--name", "bench", "--user", "bench-user",
+                        *LIMITS)
+    return out.strip().splitlines()[-1]
 
 
 def start(procs: Procs, tree: Path, cfg: Path, name: str, extra: list[str]) -> paths.Running:
@@ -78,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after", default="HEAD", help="git revision (default HEAD)")
     ap.add_argument("--before-args", default="", help="extra `serve` arguments for before")
     ap.add_argument("--after-args", default="", help="extra `serve` arguments for after")
+    ap.add_argument("--after-limits", action="store_true",
+                    help="after's key belongs to a user in a group, with rpm/tpm limits on "
+                         "the group, the user and the key, and a quota (issue 9's bar set-up)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0, help="scenario 1 seconds per run")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -103,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, tree in trees.items():
                     (work / name / "run").mkdir(exist_ok=True)
                     cfgs[name] = paths.fleetgate_config(work / name / "run", up)
-                    keys[name] = make_key(tree, cfgs[name])
+                    keys[name] = make_key(tree, cfgs[name], a.after_limits and name == "after")
                 direct = paths.Running("direct", up, None, None)
                 for rnd in range(a.rounds):
                     order = ("before", "after") if rnd % 2 == 0 else ("after", "before")
