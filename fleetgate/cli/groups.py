@@ -14,6 +14,7 @@ from fleetgate.cli.keys import (
     limit_options,
     pop_limits,
     quota_options,
+    quota_period_needs_tokens,
     store_errors,
     table,
 )
@@ -49,7 +50,7 @@ def create(config_path: str, name: str, models: str | None, weight: float,
     """Create a group. Its limits and quota are shared by its members together."""
     g = group_svc.create_group(context(config_path), name, models=globs(models) or (),
                                weight=weight, limits=pop_limits(lim), quota_tokens=quota_tokens,
-                               quota_period=quota_period or "month")
+                               quota_period=quota_period_needs_tokens(quota_tokens, quota_period))
     click.echo(f"created group {g.name}")
 
 

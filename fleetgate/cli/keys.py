@@ -114,6 +114,13 @@ def allow_ips_option(fn: F) -> F:
              "('' on update removes the list).")(fn)
 
 
+def quota_period_needs_tokens(tokens: int | None, period: str | None) -> str:
+    """The period for a create; ``--quota-period`` alone would set nothing, so it is refused."""
+    if period is not None and not tokens:
+        raise click.BadParameter("give --quota-tokens N too", param_hint="--quota-period")
+    return period or "month"
+
+
 def pop_limits(kwargs: dict[str, Any]) -> dict[str, int] | None:
     """The limit flags given (removed from ``kwargs``), or ``None`` when none was."""
     given = {dest: kwargs.pop(dest) for _, dest, _ in _LIMIT_FLAGS}

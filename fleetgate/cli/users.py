@@ -17,6 +17,7 @@ from fleetgate.cli.keys import (
     limit_options,
     pop_limits,
     quota_options,
+    quota_period_needs_tokens,
     store_errors,
     table,
 )
@@ -57,7 +58,8 @@ def create(config_path: str, name: str, groups: tuple[str, ...], role: str,
     """Create a user."""
     u = user_svc.create_user(context(config_path), name, role=role, groups=groups,
                              models=globs(models) or None, limits=pop_limits(lim),
-                             quota_tokens=quota_tokens, quota_period=quota_period or "month",
+                             quota_tokens=quota_tokens,
+                             quota_period=quota_period_needs_tokens(quota_tokens, quota_period),
                              allow_ips=cidrs(allow_ips) if allow_ips is not None else None)
     click.echo(f"created user {u.name} (role {u.role})")
 

@@ -79,6 +79,9 @@ def test_flags_set_change_and_remove(cfg: str) -> None:
     (("users", "create", "x", "--quota-period", "week"), "--quota-period", 2),
     (("groups", "create", "x", "--tpm", "lots"), "--tpm", 2),
     (("users", "update", "default", "--quota-period", "day"), "no quota", 1),
+    (("users", "create", "x", "--quota-period", "day"), "--quota-tokens", 2),
+    (("groups", "create", "x", "--quota-period", "day", "--quota-tokens", "0"), "--quota-tokens",
+     2),
 ])
 def test_bad_values_are_one_clear_line(cfg: str, args: tuple[str, ...], reason: str,
                                        code: int) -> None:
