@@ -360,3 +360,11 @@ def test_digest_takes_any_string_the_config_can_hold() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("1s", 1), ("1h", 3600), ("1d", 86400)])
 def test_a_duration_of_one_unit_is_accepted(text: str, seconds: int) -> None:
     assert keys.parse_duration(text) == dt.timedelta(seconds=seconds)
+
+
+async def test_a_caller_without_groups_gets_the_default_fair_share_weight_of_one() -> None:
+    # docs/cli.md: a group's --weight defaults to 1; a caller in no group weighs the same.
+    a = Authenticator(config.AuthSettings(mode="static", tokens=("t" * 20,)), None)
+    assert (await a.authenticate(hdr("t" * 20))).weight == 1.0
+    assert (await Authenticator(config.AuthSettings(mode="none"), None).authenticate(None)
+            ).weight == 1.0
