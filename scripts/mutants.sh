@@ -46,6 +46,11 @@ only_mutate=
     fleetgate/auth/access.py
     fleetgate/auth/principals.py
     fleetgate/services/authz.py
+    fleetgate/services/users.py
+    fleetgate/services/groups.py
+    fleetgate/services/keys.py
+    fleetgate/services/audit.py
+    fleetgate/services/validation.py
     fleetgate/dataplane/request.py
     fleetgate/api/routing.py
     fleetgate/errors.py
