@@ -78,7 +78,7 @@ async def test_a_valid_key_sent_with_another_scheme_is_refused(ctx):
     "fg-short",
     "sk-" + "s" * 40,                     # someone else's secret
     "s" * 64,
-])
+], ids=["well-formed-unknown", "fg-malformed", "fg-short", "foreign", "plain"])
 async def test_a_401_never_echoes_more_than_the_display_prefix(ctx, token):
     for a in (authn(ctx), Authenticator(config.AuthSettings(mode="static", tokens=("t" * 20,)),
                                         None)):
