@@ -90,7 +90,8 @@ async def fleet_status(
 
 
 _PUBLIC_MODEL = (
-    "model", "status", "backend", "ready", "inflight", "queued", "idle_s", "dynamic"
+    "model", "status", "backend", "ready", "inflight", "queued", "idle_s", "dynamic",
+    "context_length",
 )
 _PUBLIC_REPLICA = (
     "id", "state", "routable", "inflight", "age_s", "in_state_s", "idle_s", "note", "eta_s"

@@ -41,6 +41,8 @@ class ModelGroup:
         self.held_down = False
         self.failed_until = 0.0
         self.last_failure = ""
+        # What the engine reported in /v1/models (max_model_len) when a replica became ready.
+        self.context_length: int | None = None
         self.wake = asyncio.Event()  # the controller: look again now
         self._changed = asyncio.Event()
 

@@ -61,6 +61,7 @@ def model_snapshot(pool: Pool, g: ModelGroup, now: float | None = None) -> dict[
         "inflight": g.inflight(),
         "queued": g.waiters,
         "idle_s": round(now - g.last_activity, 3),
+        "context_length": g.context_length,
         "min_replicas": p.scaling.min_replicas,
         "max_replicas": p.scaling.max_replicas,
         "cold_start": p.cold_start.mode,

@@ -200,10 +200,12 @@ class Supervisor:
                 if launched is not None:
                     deadline = max(launched, time.monotonic()) + self.start_timeout
             if h.url:
-                ok, why = await self.prober.check(
+                ok, why, context = await self.prober.check_ready(
                     h.url, self.health_path, self.models_path, self.headers
                 )
                 if ok:
+                    if context is not None:
+                        self.group.context_length = context
                     # The answer must come from our process, not a squatter on the port.
                     obs = await self._poll(h, True)
                     if obs.running:

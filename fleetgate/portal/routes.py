@@ -325,7 +325,7 @@ class PortalRoutes:
                 "replicas": m["replicas"], "ready": m["ready"], "inflight": m["inflight"],
                 "queued": m["queued"],
                 "can_start": up_ok and m["status"] in ("stopped", "failed"),
-                "context": None,  # the store has no context length yet; shown as unknown
+                "context": m.get("context_length"),  # from the engine's /v1/models
             })
         return rows
 

@@ -130,3 +130,23 @@ async def test_an_admin_keys_model_list_narrows_the_fleet_routes(tmp_path: Path)
     assert "events" in snap["models"][0]["replicas"][0]  # still an admin: internals shown
     _, everything = await api_handlers.fleet_status(pool, ADMIN)
     assert len(everything["models"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"object":"list","data":[{"id":"m","max_model_len":4096}]}', 4096),
+        (b'{"data":[{"id":"a","max_model_len":2048},{"id":"b","max_model_len":8192}]}', 8192),
+        (b'{"data":[{"id":"m"}]}', None),
+        (b'{"data":[{"id":"m","max_model_len":"4096"}]}', None),
+        (b'{"data":[{"id":"m","max_model_len":true}]}', None),
+        (b'{"data":[{"id":"m","max_model_len":-1}]}', None),
+        (b'{"data":"x"}', None),
+        (b"not json", None),
+        (b"[]", None),
+    ],
+)
+def test_context_length_is_read_off_the_models_list(body: bytes, expected: int | None) -> None:
+    from fleetgate.fleet.health import context_length
+
+    assert context_length(body) == expected

@@ -120,8 +120,14 @@ def test_idle_model_scales_to_zero_and_comes_back(fleet: Fleet) -> None:
     gw = fleet.gateway(doc)
     client = gw.client()
     assert gw.status("i")["status"] == "stopped" and launches(fleet, "i") == 0
+    assert gw.status("i")["context_length"] is None  # nothing has answered /v1/models yet
     assert client.completions.create(model="i", prompt="x", max_tokens=2).choices[0].text
     first = gw.replicas("i", "ready")[0]
+    # Read off the engine's /v1/models (the simulator says max_model_len 8192, as vLLM would),
+    # for everyone allowed the model: the portal shows it.
+    assert gw.status("i")["context_length"] == 8192
+    r = gw.get("/v1/fleet/status?model=i", gw.user_key)
+    assert r.json()["models"][0]["context_length"] == 8192
     assert pid_running(first["pid"])
 
     def idle_stopped() -> dict[str, Any] | None:
