@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -121,6 +122,7 @@ def test_loading_a_config_registers_its_secrets(tmp_path):
 
 UPSTREAM_SECRET = "sk-upstream-e2e-5d1f09"
 ENGINE_SECRET = "sk-engine-e2e-77ab3c"
+LDAP_SECRET = "ldap-reader-e2e-41c9aa"
 
 
 def _files_under(root: Path) -> list[Path]:
@@ -149,6 +151,12 @@ def test_nothing_the_gateway_writes_holds_a_key_or_an_upstream_secret(tmp_path):
                          "log_dir": str(tmp_path / "run" / "logs")}},
         ],
     }
+    # The portal signs in through a directory that is down: its read-only account's password
+    # must not surface in any answer, log or file either.
+    doc["portal"] = {"enabled": True, "public_url": f"http://127.0.0.1:{port}"}
+    doc["ldap"] = {"url": f"ldaps://127.0.0.1:{free_port()}", "timeout_s": 1,
+                   "search": {"base": "ou=people,dc=x", "bind_dn": "cn=reader,dc=x",
+                              "bind_password": LDAP_SECRET}}
     cfg = tmp_path / "fleetgate.yaml"  # the admin's own file: the one place secrets belong
     cfg.write_text(yaml.safe_dump(doc))
     key = create_key(cfg, "user")
@@ -179,9 +187,16 @@ def test_nothing_the_gateway_writes_holds_a_key_or_an_upstream_secret(tmp_path):
             assert c.post("/v1/chat/completions", json=chat,
                           headers={"Authorization": f"Bearer {key}x"}).status_code == 401
             shown = c.get("/v1/fleet/status", headers={"Authorization": f"Bearer {admin}"}).text
+            form = c.get("/portal/login")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+            assert token, form.text[:500]
+            signin = c.post("/portal/login", data={"username": "alice", "password": "pw",
+                                                   "csrf_token": token.group(1)})
+            assert signin.status_code in (401, 503), signin.status_code
+            shown += signin.text
     finally:
         stop(proc)
-    secrets = (key, admin, UPSTREAM_SECRET, ENGINE_SECRET)
+    secrets = (key, admin, UPSTREAM_SECRET, ENGINE_SECRET, LDAP_SECRET)
     assert "failed" in shown and not [s for s in secrets if s in shown]
     engine_logs = set((tmp_path / "run" / "logs").rglob("*.log"))
     assert engine_logs
