@@ -7,7 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,25 @@ class GW:
                 c.execute(update(api_keys).where(api_keys.c.id == rec.id)
                           .values(expires_at=kw["expires_at"]))
         return k
+
+
+def cli(cfg: Path, *args: str) -> str:
+    """A ``fleetgate`` command against ``cfg`` (``--config`` appended); its stdout."""
+    out = subprocess.run([*FLEETGATE, *args, "--config", str(cfg)], check=True,
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout
+
+
+def new_key(cfg: Path, name: str, *extra: str) -> str:
+    """``fleetgate keys create``: the key, alone on stdout's last line."""
+    return cli(cfg, "keys", "create", "--name", name, *extra).strip().splitlines()[-1]
+
+
+def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``check`` every 0.1 s; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

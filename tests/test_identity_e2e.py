@@ -11,35 +11,15 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from helpers import FLEETGATE, free_port, gateway, sim
+from helpers import FLEETGATE, cli, free_port, gateway, new_key, sim, until
 
 MODELS = ("llama", "qwen/small", "qwen/large")
-
-
-def cli(cfg: Path, *args: str) -> str:
-    out = subprocess.run([*FLEETGATE, *args, "--config", str(cfg)], check=True,
-                         capture_output=True, text=True, timeout=60)
-    return out.stdout
-
-
-def new_key(cfg: Path, name: str, *extra: str) -> str:
-    return cli(cfg, "keys", "create", "--name", name, *extra).strip().splitlines()[-1]
-
-
-def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

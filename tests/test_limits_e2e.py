@@ -9,36 +9,15 @@ non-streaming requests, with disconnects, that equal what the upstream reported,
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from helpers import FLEETGATE, free_port, gateway, sim
+from helpers import cli, free_port, gateway, new_key, sim, until
 
 MSG = [{"role": "user", "content": "hello there"}]
-
-
-def cli(cfg: Path, *args: str) -> str:
-    out = subprocess.run([*FLEETGATE, *args, "--config", str(cfg)], check=True,
-                         capture_output=True, text=True, timeout=60)
-    return out.stdout
-
-
-def new_key(cfg: Path, name: str, *extra: str) -> str:
-    return cli(cfg, "keys", "create", "--name", name, *extra).strip().splitlines()[-1]
-
-
-def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
