@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +33,35 @@ class Lifecycle:
     stop_grace_s: float = 0.0
     keep_on_shutdown: bool = False
     owns_replicas: bool = True  # False: URLs others run (never started, so any worker may serve)
+
+
+class _Launched(Protocol):
+    """The settings every launched backend has (read-only: the config models are frozen)."""
+
+    @property
+    def health_path(self) -> str: ...
+    @property
+    def health_interval_s(self) -> float: ...
+    @property
+    def models_path(self) -> str | None: ...
+    @property
+    def start_timeout_s(self) -> float: ...
+    @property
+    def stop_grace_s(self) -> float: ...
+    @property
+    def keep_on_shutdown(self) -> bool: ...
+
+
+def launched_lifecycle(b: _Launched) -> Lifecycle:
+    """The lifecycle of a backend whose replicas the gateway starts (local processes, jobs)."""
+    return Lifecycle(
+        b.health_path,
+        b.health_interval_s,
+        b.models_path,
+        b.start_timeout_s,
+        b.stop_grace_s,
+        b.keep_on_shutdown,
+    )
 
 
 class BackendSpec(SpecModel):

@@ -12,7 +12,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fleetgate.fleet.backend_base import BackendSpec, Lifecycle, SpecModel, check_command
+from fleetgate.fleet.backend_base import (
+    BackendSpec,
+    Lifecycle,
+    SpecModel,
+    check_command,
+    launched_lifecycle,
+)
 
 #: The slots a SLURM job's command (and ``env`` values) may use. ``{port}`` and ``{host}`` are
 #: only known on the node, so the job script fills them in as it runs.
@@ -187,11 +193,4 @@ class SlurmBackend(BackendSpec):
         return self
 
     def lifecycle(self) -> Lifecycle:
-        return Lifecycle(
-            self.health_path,
-            self.health_interval_s,
-            self.models_path,
-            self.start_timeout_s,
-            self.stop_grace_s,
-            self.keep_on_shutdown,
-        )
+        return launched_lifecycle(self)

@@ -26,6 +26,7 @@ from fleetgate.fleet.backend_base import (
     Lifecycle,
     SpecModel,
     check_command,
+    launched_lifecycle,
 )
 from fleetgate.fleet.slurm_spec import SlurmBackend, SlurmSubmit
 
@@ -131,14 +132,7 @@ class LocalBackend(BackendSpec):
         return len(self.gpus) // self.gpus_per_replica
 
     def lifecycle(self) -> Lifecycle:
-        return Lifecycle(
-            self.health_path,
-            self.health_interval_s,
-            self.models_path,
-            self.start_timeout_s,
-            self.stop_grace_s,
-            self.keep_on_shutdown,
-        )
+        return launched_lifecycle(self)
 
     def cap_scaling(self, scaling: ScalingPolicy) -> ScalingPolicy:
         cap = self.max_replicas_by_gpus()
