@@ -57,7 +57,7 @@ from fleetgate.limits.fairshare import Slot, abandon
 from fleetgate.proxy.client import ClientGone, Upstream
 from fleetgate.proxy.relay import relay_stream, relay_whole
 from fleetgate.proxy.usage_tap import UsageTap
-from fleetgate.store.repo import UsageEvent, utcnow
+from fleetgate.store.repo import UsageEvent
 from fleetgate.store.usage_writer import UsageWriter
 
 
@@ -173,21 +173,23 @@ class Pipeline:
         gone: ClientGone | None = None,
     ) -> None:
         first = tap.first_byte_at
+        now = time.monotonic()
+        # Positional, in the table's column order: this runs once per request.
         self.usage.record(
             UsageEvent(
-                key_id=principal.key_id,
-                model=route.name,
-                endpoint=endpoint.name,
-                status=status,
-                stream=stream,
-                prompt_tokens=tap.prompt_tokens,
-                completion_tokens=tap.completion_tokens,
-                latency_ms=int((time.monotonic() - started) * 1000),
-                created_at=utcnow(),
-                user_id=principal.user_id,
-                ttft_ms=int((first - started) * 1000) if first is not None else None,
+                principal.key_id,
+                route.name,
+                endpoint.name,
+                status,
+                stream,
+                tap.prompt_tokens,
+                tap.completion_tokens,
+                int((now - started) * 1000),
+                time.time(),
+                principal.user_id,
+                int((first - started) * 1000) if first is not None else None,
                 # A client that left before any answer (while queued, say) is a disconnect too.
-                disconnected=tap.disconnected or (gone is not None and gone.gone and first is None),
+                tap.disconnected or (gone is not None and gone.gone and first is None),
             )
         )
 

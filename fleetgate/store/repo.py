@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -607,8 +608,10 @@ def list_audit(
         return [AuditRecord(**dict(r._mapping)) for r in conn.execute(q)]
 
 
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
+class UsageEvent(NamedTuple):
+    """One request's usage record. A tuple in the table's column order, so a batch goes to the
+    driver as it is: the request path builds one per request and must not pay for more."""
+
     key_id: int | None
     model: str
     endpoint: str
@@ -617,7 +620,9 @@ class UsageEvent:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: int
-    created_at: dt.datetime
+    # A naive UTC datetime, or (the request path's cheap clock) seconds since the epoch, which
+    # insert_usage converts.
+    created_at: dt.datetime | float
     user_id: int | None = None
     ttft_ms: int | None = None  # to the first byte relayed to the client; None: none was
     disconnected: bool = False  # the client left before the end
@@ -626,16 +631,41 @@ class UsageEvent:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def created(self) -> dt.datetime:
+        """``created_at`` as a naive UTC datetime."""
+        t = self.created_at
+        return t if isinstance(t, dt.datetime) else _from_epoch(t)
 
-_USAGE_COLUMNS = (
-    "key_id", "model", "endpoint", "status", "stream",
-    "prompt_tokens", "completion_tokens", "latency_ms", "created_at",
-    "user_id", "ttft_ms", "disconnected",
-)
+
+def _from_epoch(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, dt.UTC).replace(tzinfo=None)
 
 
-def _usage_insert(engine: Engine) -> tuple[str, list[Any]]:
-    """The driver-level INSERT and each column's bind processor, for this engine's dialect."""
+_USAGE_COLUMNS = UsageEvent._fields
+_CREATED = _USAGE_COLUMNS.index("created_at")
+
+
+class _SqliteTime:
+    """Epoch seconds as SQLite's DATETIME text (``YYYY-MM-DD HH:MM:SS.ffffff``, what SQLAlchemy
+    writes and compares against), formatting each whole second once."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, t: float) -> str:
+        s = int(t)
+        if s != self.second:
+            self.second = s
+            self.prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s))
+        return f"{self.prefix}.{int((t - s) * 1_000_000):06d}"
+
+
+def _usage_insert(engine: Engine) -> tuple[str, dict[int, Any]]:
+    """The driver-level INSERT and the bind processor of each column that has one."""
     d = engine.dialect
     mark = {"qmark": "?", "numeric": ":1", "named": ":x"}.get(d.paramstyle, "%s")
     if mark not in ("?", "%s"):  # pragma: no cover - neither SQLite nor psycopg
@@ -645,7 +675,8 @@ def _usage_insert(engine: Engine) -> tuple[str, list[Any]]:
     # The dialect's own type (SQLite's DATETIME formats microseconds always, as every other
     # query's parameters do; the generic type would leave it to the driver, which drops ".000000"
     # and so sorts a whole second before the same time written by SQLAlchemy).
-    procs = [usage_events.c[c].type.dialect_impl(d).bind_processor(d) for c in _USAGE_COLUMNS]
+    procs = {i: p for i, c in enumerate(_USAGE_COLUMNS)
+             if (p := usage_events.c[c].type.dialect_impl(d).bind_processor(d)) is not None}
     return sql, procs
 
 
@@ -653,18 +684,27 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
     """Write a batch of usage events in one transaction.
 
     This runs under load, beside the request path, in a worker thread that competes for the GIL;
-    it uses the driver's own ``executemany`` over plain tuples (SQLAlchemy's type processing
-    kept) because building SQLAlchemy's multi-row statements cost several times more CPU.
+    it hands the driver's own ``executemany`` the events themselves (they are tuples in column
+    order), converting only the columns whose type needs it. Building SQLAlchemy's multi-row
+    statements, or even running its bind processors on every value, cost several times more CPU.
     """
     sql, procs = _usage_insert(engine)
-    rows = []
+    sqlite = engine.dialect.name == "sqlite"
+    stamp = _SqliteTime()
+    created = procs.get(_CREATED)
+    others = [(i, p) for i, p in procs.items() if i != _CREATED]
+    rows: list[tuple[Any, ...]] = []
     for e in events:
-        values = (
-            e.key_id, e.model, e.endpoint, e.status, e.stream,
-            e.prompt_tokens, e.completion_tokens, e.latency_ms, e.created_at,
-            e.user_id, e.ttft_ms, e.disconnected,
-        )
-        rows.append(tuple(p(v) if p else v for p, v in zip(procs, values, strict=True)))
+        t = e.created_at
+        if isinstance(t, float):
+            v: Any = stamp(t) if sqlite else _from_epoch(t)
+        else:
+            v = created(t) if created is not None else t
+        row = list(e)
+        row[_CREATED] = v
+        for i, p in others:
+            row[i] = p(row[i])
+        rows.append(tuple(row))
     if not rows:
         return 0
     with engine.begin() as conn:
