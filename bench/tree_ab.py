@@ -3,6 +3,8 @@
     python -m bench.tree_ab --before b626ea1 --after HEAD
     python -m bench.tree_ab --before b626ea1 --after HEAD --after-args "--server uvicorn"
     python -m bench.tree_ab --before HEAD --after HEAD --after-limits   # what limits cost
+    python -m bench.tree_ab --before HEAD --after HEAD --redis --limits-before issue \
+        --limits-after issue --after-args "--workers 2"                 # workers on Redis
 
 Each revision is checked out into a temporary git worktree and run from it (``PYTHONPATH``), with
 its own fresh SQLite store and a key made by its own CLI, as ``fleetgate serve`` with one worker,
@@ -15,6 +17,10 @@ swapped every round so neither always goes first):
 * scenario 2: an open loop at ``--rate`` requests/s (1,000 by default) for ``--rate-duration``;
   the latency percentiles, and the added latency against the same load sent to nginx directly in
   the same round.
+
+``--limits-before/--limits-after`` put limits on a contender's key (``issue``: issue 9's bar
+set-up; ``everywhere``: the heaviest common set-up) and ``--redis`` starts a ``redis-server`` and
+points both contenders' limits at it (each its own database).
 
 Results go to ``bench/results/tree-ab-<time>.json``; the summary prints per-round ratios, so the
 comparison is same-run. Needs Debian's wrk and nginx (``bench/run --setup-only`` installs them).
@@ -32,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bench import loadgen, paths, upstream, wrk
 from bench.procs import Procs, Sampler, raise_nofile, wait_http
@@ -61,22 +69,49 @@ def fleetgate_cli(tree: Path, *args: str) -> str:
     return out.stdout
 
 
-# Issue 9's bar set-up: a user in a group, an rpm/tpm limit on both and a quota, set high enough
-# that nothing is refused; what is measured is what checking and settling them costs.
+# Issue 9's bar set-up: "a key, a user in a group, an rpm/tpm limit, a quota": the key's user is
+# in a group with an rpm/tpm limit, and the user has a quota. ``everywhere`` adds rpm/tpm on the
+# user and the key, and a quota on the group too (three subjects, six buckets, two quotas). Set
+# high enough that nothing is refused: what is measured is what checking and settling them costs.
 LIMITS = ("--rpm", "100000000", "--tpm", "1000000000000")
 QUOTA = ("--quota-tokens", "1000000000000000", "--quota-period", "month")
+LIMIT_SETS = ("none", "issue", "everywhere")
 
 
-def make_key(tree: Path, cfg: Path, with_limits: bool = False) -> str:
+def make_key(tree: Path, cfg: Path, limits: str = "none") -> str:
     c = ("--config", str(cfg))
-    if not with_limits:
+    if limits == "none":
         return fleetgate_cli(tree, "keys", "create", *c, "--name", "bench").strip().splitlines()[-1]
-    fleetgate_cli(tree, "groups", "create", *c, "bench-group", "--models", "*", *LIMITS, *QUOTA)
-    fleetgate_cli(tree, "users", "create", *c, "bench-user", "--group", "bench-group", *LIMITS,
-                  *QUOTA)
+    more = limits == "everywhere"
+    fleetgate_cli(tree, "groups", "create", *c, "bench-group", "--models", "*", *LIMITS,
+                  *(QUOTA if more else ()))
+    fleetgate_cli(tree, "users", "create", *c, "bench-user", "--group", "bench-group",
+                  *(LIMITS if more else ()), *QUOTA)
     out = fleetgate_cli(tree, "keys", "create", *c, "--name", "bench", "--user", "bench-user",
-                        *LIMITS)
+                        *(LIMITS if more else ()))
     return out.strip().splitlines()[-1]
+
+
+def wait_tcp(port: int, timeout_s: float) -> None:
+    """Until something accepts on ``127.0.0.1:port`` (bounded)."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def with_redis(cfg: Path, url: str) -> None:
+    """Point a bench config's limits at Redis (``limits.backend: redis``)."""
+    doc = yaml.safe_load(cfg.read_text())
+    doc["limits"] = {"backend": "redis", "redis_url": url}
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def start(procs: Procs, tree: Path, cfg: Path, name: str, extra: list[str]) -> paths.Running:
@@ -97,14 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before-args", default="", help="extra `serve` arguments for before")
     ap.add_argument("--after-args", default="", help="extra `serve` arguments for after")
     ap.add_argument("--after-limits", action="store_true",
-                    help="after's key belongs to a user in a group, with rpm/tpm limits on "
-                         "the group, the user and the key, and a quota (issue 9's bar set-up)")
+                    help="shorthand for --limits-after issue")
+    ap.add_argument("--limits-before", choices=LIMIT_SETS, default="none",
+                    help="limits on before's key: none, issue (a user in a group with an rpm/tpm "
+                         "limit, a quota on the user: issue 9's bar set-up) or everywhere "
+                         "(rpm/tpm on group, user and key, quotas on group and user)")
+    ap.add_argument("--limits-after", choices=LIMIT_SETS, default="none",
+                    help="limits on after's key (as --limits-before)")
+    ap.add_argument("--redis", action="store_true",
+                    help="both with limits.backend: redis, on a redis-server this run starts")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8.0, help="scenario 1 seconds per run")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--rate", type=float, default=1000.0, help="scenario 2 requests/s")
     ap.add_argument("--rate-duration", type=float, default=8.0)
     a = ap.parse_args(argv)
+    if a.after_limits:
+        a.limits_after = "issue"
+    limit_sets = {"before": a.limits_before, "after": a.limits_after}
     raise_nofile()
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -120,11 +165,20 @@ def main(argv: list[str] | None = None) -> int:
                 procs.start("nginx", upstream.nginx_argv(work / "nginx", up_port))
                 up = f"http://127.0.0.1:{up_port}"
                 wait_http(up + "/", 20)
+                redis_url = None
+                if a.redis:
+                    r_port = free_port()
+                    procs.start("redis", ["redis-server", "--port", str(r_port), "--bind",
+                                          "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    redis_url = f"redis://127.0.0.1:{r_port}/0"
+                    wait_tcp(r_port, 20)
                 cfgs, keys = {}, {}
-                for name, tree in trees.items():
+                for i, (name, tree) in enumerate(trees.items()):
                     (work / name / "run").mkdir(exist_ok=True)
                     cfgs[name] = paths.fleetgate_config(work / name / "run", up)
-                    keys[name] = make_key(tree, cfgs[name], a.after_limits and name == "after")
+                    if redis_url is not None:  # each its own Redis database
+                        with_redis(cfgs[name], redis_url[:-1] + str(i))
+                    keys[name] = make_key(tree, cfgs[name], limit_sets[name])
                 direct = paths.Running("direct", up, None, None)
                 for rnd in range(a.rounds):
                     order = ("before", "after") if rnd % 2 == 0 else ("after", "before")
