@@ -50,11 +50,14 @@ def sim(model: str = "sim", *args: str, port: int | None = None) -> Iterator[str
 
 
 @contextlib.contextmanager
-def gateway(config: Path, port: int) -> Iterator[str]:
-    """A `fleetgate serve` process; yields its base URL."""
+def gateway(config: Path, port: int, *args: str) -> Iterator[str]:
+    """A `fleetgate serve` process (``args`` appended, e.g. ``--workers 2``); yields its base URL.
+
+    Its stdout and stderr go to ``gateway-PORT.log`` beside the config.
+    """
     log = open(config.parent / f"gateway-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [*FLEETGATE, "serve", "--config", str(config), "--port", str(port)],
+        [*FLEETGATE, "serve", "--config", str(config), "--port", str(port), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
