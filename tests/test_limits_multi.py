@@ -24,22 +24,25 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from helpers import cli, free_port, gateway, new_key, sim, until
+from openai.types.chat import ChatCompletionMessageParam
 from pg_server import postgres_url  # noqa: F401  (a fixture)
 from redis_server import RedisServer, redis_server
 from sqlalchemy import text
 
 from fleetgate.store.db import open_engine
 
-MSG = [{"role": "user", "content": "hello there"}]
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 POLL_S = 0.2  # auth.revocation_poll_s of both stacks
 REFILL_S = 6.0  # one request's refill at 10 rpm
 
@@ -120,13 +123,16 @@ def workers(tmp_path_factory: pytest.TempPathFactory, postgres_url: str,  # noqa
     port = free_port()
     with gateway(cfg, port, "--workers", "2", "--access-log") as url:
         log = tmp / f"gateway-{port}.log"
-        until(lambda: len(worker_pids(log, "fleetgate")) == 2, 30, "both workers to log")
+        until(lambda: len(re.findall(r"fleetgate\.server\[\d+\]: listening", log.read_text()))
+              == 2, 30, "both workers listening")
         yield Stack(cfg, [url], log)
 
 
-def worker_pids(log: Path, logger: str) -> set[str]:
-    """The worker pids (``name[pid]:``) on lines of ``logger`` (``fleetgate.access`` etc.)."""
-    return set(re.findall(rf" {re.escape(logger)}[\w.]*\[(\d+)\]:", log.read_text("utf-8")))
+def answered_by(log: Path, status: int) -> Counter[str]:
+    """How many chat completions each worker (by pid) answered with ``status``, per its log."""
+    return Counter(re.findall(
+        rf'fleetgate\.access\[(\d+)\]: .*"POST /v1/chat/completions HTTP/1\.1" {status}$',
+        log.read_text("utf-8"), re.MULTILINE))
 
 
 def user_with_key(cfg: Path, user: str, *user_flags: str) -> str:
@@ -198,8 +204,10 @@ def test_ten_rpm_is_exactly_ten_across_two_workers(workers: Stack) -> None:
     ok, refused, elapsed = burst(workers.urls, key, 20)
     assert_exactly_ten(ok, refused, elapsed)
     # Each request came on its own connection; the kernel spread them over both workers.
-    until(lambda: len(worker_pids(workers.log, "fleetgate.access")) == 2, 10,  # type: ignore[arg-type]
-          "access lines from both workers")
+    log = workers.log
+    until(lambda: sum((answered_by(log, 200) + answered_by(log, 429)).values()) == 24, 10,
+          "the access lines")
+    assert len(answered_by(log, 200) + answered_by(log, 429)) == 2
 
 
 def refused_401(url: str, key: str) -> bool:
@@ -232,15 +240,15 @@ def test_a_revoked_key_and_a_disabled_user_fail_on_both_gateways(two: Stack) -> 
     cli(two.cfg, "users", "disable", "hal")
     t0 = time.monotonic()
     for url in two.urls:
-        until(lambda url=url: refused_401(url, revoked), 10, f"the revocation at {url}")  # type: ignore[misc]
-        until(lambda url=url: refused_401(url, disabled), 10, f"the disabled user at {url}")  # type: ignore[misc]
+        until(partial(refused_401, url, revoked), 10, f"the revocation at {url}")
+        until(partial(refused_401, url, disabled), 10, f"the disabled user at {url}")
     took = time.monotonic() - t0
     print(f"revocation and disable reached both gateways in {took:.2f} s (poll {POLL_S} s)")
     for url in two.urls:  # and nothing else was touched
         assert chat(url, kept).choices
     cli(two.cfg, "users", "enable", "hal")
     for url in two.urls:
-        until(lambda url=url: not refused_401(url, disabled), 10, f"re-enabled at {url}")  # type: ignore[misc]
+        until(partial(_admitted, url, disabled), 10, f"re-enabled at {url}")
         assert refused_401(url, revoked)
 
 
@@ -248,9 +256,12 @@ def test_a_revoked_key_fails_on_both_workers(workers: Stack) -> None:
     key = new_key(workers.cfg, "short-lived")
     assert chat(workers.urls[0], key).choices
     cli(workers.cfg, "keys", "revoke", key_id(workers.cfg, "short-lived"))
-    until(lambda: refused_401(workers.urls[0], key), 10, "the revocation")
-    # Each worker has its own key cache; fresh connections reach both, and both refuse.
-    time.sleep(4 * POLL_S)  # past the slower worker's next poll
+    # Each worker has its own key cache. Fresh connections reach both; once each has refused
+    # the key (a revocation, once seen, stays), every request is refused.
+    assert workers.log is not None
+    log, before = workers.log, answered_by(workers.log, 401)
+    until(lambda: refused_401(workers.urls[0], key)
+          and len(answered_by(log, 401) - before) == 2, 10, "both workers to refuse the key")
     assert all(refused_401(workers.urls[0], key) for _ in range(12))
 
 
@@ -286,8 +297,8 @@ def test_a_quota_spent_on_both_gateways_runs_out_on_both(two: Stack) -> None:
         lefts.clear()
         used += r.usage.total_tokens
         served.add(url)
+    assert served == set(two.urls) and 0 < used <= quota, (served, used)
     assert lefts == {u: quota - used for u in two.urls}, (lefts, quota - used)
-    assert served == set(two.urls) and 0 < used <= quota
     # The cap on the same user is a 400 on both, before any quota is counted.
     for url in two.urls:
         with pytest.raises(openai.BadRequestError) as bad:
@@ -314,5 +325,5 @@ def test_a_concurrency_slot_held_on_one_gateway_refuses_on_the_other(two: Stack)
 def _admitted(url: str, key: str) -> bool:
     try:
         return bool(chat(url, key).choices)
-    except openai.RateLimitError:
+    except (openai.RateLimitError, openai.AuthenticationError):
         return False
