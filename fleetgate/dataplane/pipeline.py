@@ -207,8 +207,8 @@ class Pipeline:
         up = reqmod.upstream_body(raw, req, route.upstream_name, priority)
         grant = await self.admit(principal, route, req)
         # From here on the grant is settled however the request ends.
-        if grant.headers:
-            send = _WithHeaders(send, grant.headers)
+        if grant.raw_headers:
+            send = _WithHeaders(send, grant.raw_headers)
         gone = ClientGone()
         watch = DisconnectWatch(receive, gone)
         tap = UsageTap(
@@ -276,9 +276,9 @@ class _WithHeaders:
 
     __slots__ = ("send", "extra")
 
-    def __init__(self, send: Send, headers: dict[str, str]) -> None:
+    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
         self.send = send
-        self.extra = [(k.encode(), v.encode()) for k, v in headers.items()]
+        self.extra = headers
 
     async def __call__(self, msg: Any) -> None:
         if msg["type"] == "http.response.start":

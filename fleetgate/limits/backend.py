@@ -28,21 +28,35 @@ from typing import Any, ClassVar, Literal
 from fleetgate.errors import GatewayError, InvalidRequest, RateLimited
 from fleetgate.limits import quotas
 from fleetgate.limits.buckets import DEFAULT_MAX_TOKENS, admission_cost
-from fleetgate.limits.headers import RateView, most_restrictive, rate_headers, retry_after
+from fleetgate.limits.headers import (
+    RateView,
+    RawHeaders,
+    most_restrictive,
+    rate_headers,
+    retry_after,
+)
 from fleetgate.limits.spec import Checks, Quota, Subject, check_caps
 
 Failure = Literal["", "rpm", "tpm", "concurrency", "quota"]
 
 
 class Grant:
-    """An admitted request's claim on the counters; settled exactly once."""
+    """An admitted request's claim on the counters; settled exactly once.
 
-    __slots__ = ("headers", "cost", "_settled")
+    ``raw_headers`` are the rate-limit headers for the response, already encoded (the request
+    path adds them as they are); ``headers`` is the same as a dict of text.
+    """
 
-    def __init__(self, headers: dict[str, str], cost: int) -> None:
-        self.headers = headers
+    __slots__ = ("raw_headers", "cost", "_settled")
+
+    def __init__(self, raw_headers: RawHeaders, cost: int) -> None:
+        self.raw_headers = raw_headers
         self.cost = cost
         self._settled = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode("latin-1"): v.decode("latin-1") for k, v in self.raw_headers}
 
     def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
         if self._settled:
@@ -58,7 +72,7 @@ class Grant:
         return self._settled
 
 
-NO_LIMITS = Grant({}, 0)
+NO_LIMITS = Grant([], 0)
 """What a request with no counters gets (also what fail-open grants): settling it does nothing."""
 
 

@@ -73,6 +73,30 @@ def rate_headers(requests: RateView | None, tokens: RateView | None) -> dict[str
     return out
 
 
+RawHeaders = list[tuple[bytes, bytes]]
+
+_NAMES = {
+    kind: (b"x-ratelimit-limit-" + kind, b"x-ratelimit-remaining-" + kind,
+           b"x-ratelimit-reset-" + kind)
+    for kind in (b"requests", b"tokens")
+}
+
+
+def encode(headers: dict[str, str]) -> RawHeaders:
+    """Headers as the server writes them."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+def bucket_headers(out: RawHeaders, kind: bytes, capacity: int, level: float) -> None:
+    """Append one bucket's three headers (``kind``: ``b"requests"`` or ``b"tokens"``) to ``out``,
+    already encoded: what :func:`rate_headers` writes for ``RateView.of(capacity, level)``, built
+    once per admitted request without the intermediate objects."""
+    lim, rem, reset = _NAMES[kind]
+    out.append((lim, b"%d" % capacity))
+    out.append((rem, b"%d" % (math.floor(level) if level > 0 else 0)))
+    out.append((reset, format_duration(until_full_s(level, capacity)).encode()))
+
+
 def retry_after(seconds: float) -> dict[str, str]:
     """``Retry-After`` in whole seconds (at least 1) and ``retry-after-ms``, which the official
     client prefers when present."""

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import Backend, Failure, Grant, Outcome, refusal
 from fleetgate.limits.buckets import settle_level, wait_s
-from fleetgate.limits.headers import RateView, rate_headers
+from fleetgate.limits.headers import RateView, RawHeaders, bucket_headers
 from fleetgate.limits.spec import Checks, Limits, Quota, Subject
 
 
@@ -51,7 +51,7 @@ class _MemoryGrant(Grant):
 
     def __init__(
         self,
-        headers: dict[str, str],
+        headers: RawHeaders,
         cost: int,
         tpm: list[tuple[_Cell, int]],
         conc: list[_Cell],
@@ -196,8 +196,9 @@ class MemoryBackend(Backend):
                 conc.append(cell)
         for qc in used_cells:
             qc[0] += cost
-        headers = rate_headers(
-            None if best_r is None else RateView.of(best_r[1], best_r[0]),
-            None if best_t is None else RateView.of(best_t[1], best_t[0]),
-        )
+        headers: RawHeaders = []
+        if best_r is not None:
+            bucket_headers(headers, b"requests", best_r[1], best_r[0])
+        if best_t is not None:
+            bucket_headers(headers, b"tokens", best_t[1], best_t[0])
         return _MemoryGrant(headers, cost, tpm, conc, used_cells, self._clock)

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from fleetgate.errors import LimitsUnavailable
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import NO_LIMITS, Backend, Failure, Grant, Outcome, refusal
-from fleetgate.limits.headers import RateView
+from fleetgate.limits.headers import RateView, RawHeaders, encode
 from fleetgate.limits.redis_lua import ADMIT, SETTLE
 from fleetgate.limits.spec import Checks, Quota, Subject
 
@@ -58,7 +58,7 @@ class _RedisGrant(Grant):
 
     def __init__(
         self,
-        headers: dict[str, str],
+        headers: RawHeaders,
         cost: int,
         backend: RedisBackend,
         keys: list[str],
@@ -299,7 +299,7 @@ class RedisBackend(Backend):
             else:
                 out.failed, out.index = "concurrency", cidx[index - 1]
             raise refusal(out, checks, cost, wall)
-        headers = Outcome("", 0, 0.0, reqs, toks).headers()
+        headers = encode(Outcome("", 0, 0.0, reqs, toks).headers())
         tkeys = [k for k, (_, kind, _) in zip(bkeys, buckets, strict=True) if kind == "tpm"]
         tcaps = [c for _, kind, c in buckets if kind == "tpm"]
         return _RedisGrant(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fleetgate.limits.buckets import admission_cost, refill, settle_level, until_full_s, wait_s
 from fleetgate.limits.headers import (
     RateView,
+    bucket_headers,
+    encode,
     format_duration,
     most_restrictive,
     rate_headers,
@@ -153,3 +157,16 @@ RETRY = [(0.001, "1", "1"), (0.5, "1", "500"), (6.0, "6", "6000"), (6.0001, "7",
 @pytest.mark.parametrize(("s", "ra", "ms"), RETRY)
 def test_retry_after(s: float, ra: str, ms: str) -> None:
     assert retry_after(s) == {"retry-after": ra, "retry-after-ms": ms}
+
+
+@given(capacity=st.integers(1, 10**12),
+       level=st.floats(-1e13, 1e13, allow_nan=False, allow_infinity=False))
+def test_encoded_bucket_headers_are_what_rate_headers_writes(capacity: int, level: float) -> None:
+    # The admitted request's fast path must say exactly what the refusal path says.
+    for kind in ("requests", "tokens"):
+        fast: list[tuple[bytes, bytes]] = []
+        bucket_headers(fast, kind.encode(), capacity, level)
+        view = RateView.of(capacity, level)
+        slow = rate_headers(view if kind == "requests" else None,
+                            view if kind == "tokens" else None)
+        assert fast == encode(slow)
