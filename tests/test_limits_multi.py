@@ -140,18 +140,18 @@ def user_with_key(cfg: Path, user: str, *user_flags: str) -> str:
     return new_key(cfg, f"{user}-key", "--user", user)
 
 
-def burst(urls: list[str], key: str, n: int, first: int = 4) -> tuple[
+def burst(urls: list[str], keys: list[str], n: int, first: int = 4) -> tuple[
         list[Any], list[openai.RateLimitError], float]:
-    """``first`` requests one by one, then ``n`` at once; spread over ``urls`` in turn, each on
-    a fresh connection.
+    """``first`` requests one by one, then ``n`` at once, each on a fresh connection; request
+    ``i`` uses ``keys[i % len(keys)]`` and the URLs in turn after every key had one.
 
     The one-by-one requests make sure every URL admits some (in a burst alone, the gateway
-    that loads the new key first could take the whole bucket). Returns the admitted raw
+    that loads a new key first could take the whole bucket). Returns the admitted raw
     responses, the refusals, and the seconds from the first send to the last answer. Anything
     other than an answer or a 429 fails the test.
     """
     def one(i: int) -> Any:
-        with client(urls[i % len(urls)], key) as c:
+        with client(urls[i // len(keys) % len(urls)], keys[i % len(keys)]) as c:
             try:
                 return c.chat.completions.with_raw_response.create(
                     model="chat", messages=MSG, max_tokens=4)
@@ -188,20 +188,24 @@ def assert_exactly_ten(ok: list[Any], refused: list[openai.RateLimitError],
 
 def test_ten_rpm_is_exactly_ten_across_two_gateways(two: Stack) -> None:
     cli(two.cfg, "groups", "create", "ten", "--models", "*", "--rpm", "10")
-    key = user_with_key(two.cfg, "ana", "--group", "ten")
-    ok, refused, elapsed = burst(two.urls, key, 20)
+    # Two members: a group's limit is one counter for all of them together.
+    keys = [user_with_key(two.cfg, u, "--group", "ten") for u in ("ana", "abe")]
+    ok, refused, elapsed = burst(two.urls, keys, 20)
     assert_exactly_ten(ok, refused, elapsed)
     # Both gateways admitted some and refused some (each got 10 of the burst, and at most 6
     # were left): the bucket is one, not one per gateway.
     served = {str(r.http_request.url).split("/v1")[0] for r in ok}
     turned = {str(e.request.url).split("/v1")[0] for e in refused}
     assert served == turned == set(two.urls)
+    # The four one-by-one requests were each member's on each gateway.
+    assert {(str(r.http_request.url).split("/v1")[0], r.http_request.headers["authorization"])
+            for r in ok[:4]} == {(u, f"Bearer {k}") for u in two.urls for k in keys}
 
 
 def test_ten_rpm_is_exactly_ten_across_two_workers(workers: Stack) -> None:
     assert workers.log is not None
     key = user_with_key(workers.cfg, "ana", "--group", "ten")
-    ok, refused, elapsed = burst(workers.urls, key, 20)
+    ok, refused, elapsed = burst(workers.urls, [key], 20)
     assert_exactly_ten(ok, refused, elapsed)
     # Each request came on its own connection; the kernel spread them over both workers.
     log = workers.log
