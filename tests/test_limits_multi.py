@@ -12,7 +12,7 @@ exactly 10 requests through however they are spread over the gateways or workers
 refused by every gateway within the revocation poll; a token quota spent on both gateways ends
 in ``insufficient_quota`` on both, and what it says is left is exact; a ``max_tokens`` cap is a
 400 on both; a concurrency slot held by a stream on one gateway refuses a request on the other
-until the stream ends.
+until the stream ends, and the client's own retry (after ``Retry-After``) then gets through.
 
 The bucket refills one request every 6 s, so "exactly 10" holds for a burst sent within 6 s;
 each burst is sent concurrently and the assertion allows one more per 6 s actually elapsed
@@ -22,6 +22,7 @@ each burst is sent concurrently and the assertion allows one more per 6 s actual
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from collections import Counter
@@ -324,6 +325,38 @@ def test_a_concurrency_slot_held_on_one_gateway_refuses_on_the_other(two: Stack)
         assert e.value.response.headers["retry-after"] == "1"
         stream.close()  # the client leaves: A gives the slot back
     until(lambda: _admitted(b, key), 10, "the slot released on A to be free on B")
+
+
+def test_the_clients_own_retry_gets_a_slot_freed_on_the_other_gateway(two: Stack) -> None:
+    cli(two.cfg, "groups", "create", "pair", "--models", "*", "--max-concurrent", "1")
+    key = user_with_key(two.cfg, "dan", "--group", "pair")
+    a, b = two.urls
+    refused_once = threading.Event()
+    statuses: list[int] = []
+
+    def on_response(response: Any) -> None:
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            refused_once.set()
+
+    with client(a, key) as c:
+        stream = c.chat.completions.create(model="chat", messages=MSG, max_tokens=2000,
+                                           stream=True)
+        next(iter(stream))  # A holds the group's one slot
+        # A leaves once B has been refused, so B's first try is refused and a retry isn't.
+        leave = threading.Thread(target=lambda: refused_once.wait(20) and stream.close())
+        leave.start()
+        try:
+            hooks = {"response": [on_response]}
+            with openai.OpenAI(base_url=b + "/v1", api_key=key, max_retries=5, timeout=20,
+                               http_client=openai.DefaultHttpxClient(event_hooks=hooks)) as cb:
+                r = cb.chat.completions.with_raw_response.create(model="chat", messages=MSG,
+                                                                 max_tokens=4)
+        finally:
+            refused_once.set()  # let the thread go, whatever happened
+            leave.join(timeout=20)
+    assert statuses[0] == 429 and statuses[-1] == 200, statuses
+    assert r.retries_taken == len(statuses) - 1 >= 1 and r.parse().choices
 
 
 def _admitted(url: str, key: str) -> bool:
