@@ -1,12 +1,25 @@
 """The paths under test, each started as its own process(es) in front of the same upstream.
 
-- ``direct``: the upstream itself (nginx, or the simulator for streams);
-- ``fleetgate``: ``fleetgate serve`` from this checkout, keys auth ON, usage accounting ON,
-  SQLite store in the run's scratch directory;
-- ``vllm-router``: the Rust router, ``--worker-urls UPSTREAM --policy round_robin`` (no auth);
-- ``litellm``: the LiteLLM proxy, 1 worker, a master key, no database.
+Every path has a name (``--paths``), a label the report prints, and a line saying how it runs
+(:data:`SPECS`). The FleetGate paths differ only in their set-up:
 
-Peers run from their own virtualenvs under ``bench/.venvs/`` (made by ``bench/run``).
+- ``fleetgate``: issue 11's bar set-up, one process: the key belongs to a user in a group, the
+  group has an rpm/tpm limit and the user a token quota (set so high that nothing is refused,
+  so what is measured is checking and settling them), usage accounting on, keys auth,
+  ``limits.backend: memory``;
+- ``fleetgate-nolimits``: the same with a plain key (no user, no limits), so the cost of limits
+  shows in the same run;
+- ``fleetgate-redis``: the bar set-up, one process, limits counted in Redis;
+- ``fleetgate-workers``: the bar set-up, ``--workers N`` (N = cores by default), limits in
+  Redis (``--workers`` above 1 is refused with the memory backend when limits exist).
+
+The others: ``direct`` (the upstream itself), ``floor`` (``bench/bare_proxy.py``, the floor for
+Python on this box, not a product), ``vllm-router`` (the Rust router, no auth; its own thread
+pool uses every core) and ``litellm`` (``--num_workers N``, a master key, no database).
+
+Every FleetGate path start gets a fresh SQLite store, key and, for Redis, its own Redis
+database; Redis itself is one ``redis-server`` per run (:class:`Redis`). Peers run from their
+own virtualenvs under ``bench/.venvs/`` (made by ``bench/run``).
 """
 
 from __future__ import annotations
@@ -24,8 +37,42 @@ from bench.procs import Proc, Procs, wait_http
 from bench.upstream import MODEL
 from fleetgate.localnet import free_port
 
-VENVS = Path(__file__).resolve().parent / ".venvs"
-ALL = ("direct", "fleetgate", "vllm-router", "litellm")
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / "bench" / ".venvs"
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    label: str  # the report's name for it
+    how: str  # how it runs, one line ({n}: the worker count)
+    limits: str = "none"  # tree_ab.make_key's set-up: "none" or "issue"
+    redis: bool = False  # limits.backend: redis
+    many: bool = False  # N workers (--workers N / --num_workers N)
+
+
+SPECS: dict[str, Spec] = {s.name: s for s in (
+    Spec("direct", "direct (upstream alone)", "the upstream itself, no gateway"),
+    Spec("floor", "floor: Python on this box, bare proxy, not a product",
+         "bench/bare_proxy.py, 1 process: uvloop + httptools protocols, key digest in a dict, "
+         "`model` parsed, pooled keep-alive upstream, usage counted in memory"),
+    Spec("fleetgate", "FleetGate 1 worker, limits (memory)",
+         "`fleetgate serve`, 1 process; key of a user in a group with rpm/tpm limits, a quota "
+         "on the user, usage accounting on, limits.backend memory", limits="issue"),
+    Spec("fleetgate-nolimits", "FleetGate 1 worker, no limits",
+         "`fleetgate serve`, 1 process; a plain key (no user, no limits), usage accounting on"),
+    Spec("fleetgate-redis", "FleetGate 1 worker, limits (Redis)",
+         "as `fleetgate`, limits.backend redis", limits="issue", redis=True),
+    Spec("fleetgate-workers", "FleetGate {n} workers, limits (Redis)",
+         "as `fleetgate`, `--workers {n}`, limits.backend redis", limits="issue", redis=True,
+         many=True),
+    Spec("vllm-router", "vllm-router (Rust, no auth)",
+         "`vllm-router --policy round_robin`, no auth (its runtime uses every core)"),
+    Spec("litellm", "LiteLLM {n} workers", "`litellm --num_workers {n}`, a master key, no "
+         "database", many=True),
+)}
+ALL = tuple(SPECS)
+FLEETGATE = tuple(n for n in ALL if n.startswith("fleetgate"))
 LITELLM_MASTER_KEY = "sk-bench-" + "m" * 24
 
 
@@ -113,7 +160,7 @@ def start_fleetgate(procs: Procs, config: Path, key: str | None, *, name: str = 
     p = procs.start(name, argv)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", 60, p)
-    return Running("fleetgate", url, key, p)
+    return Running(name, url, key, p)
 
 
 # -- peers ----------------------------------------------------------------------------------------
@@ -137,7 +184,7 @@ def start_router(procs: Procs, upstream: str) -> Running:
     return Running("vllm-router", url, None, p)
 
 
-def start_litellm(procs: Procs, upstream: str, workdir: Path) -> Running:
+def start_litellm(procs: Procs, upstream: str, workdir: Path, workers: int = 1) -> Running:
     exe = peer_binary("litellm", "litellm")
     if exe is None:
         raise FileNotFoundError("litellm is not installed (run bench/run)")
@@ -154,22 +201,83 @@ def start_litellm(procs: Procs, upstream: str, workdir: Path) -> Running:
            "LITELLM_LOG": "ERROR", "NO_PROXY": "*",
            "PATH": f"{exe.parent}:{os.environ.get('PATH', '')}"}
     p = procs.start("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1",
-                                "--port", str(port), "--num_workers", "1"], env=env)
+                                "--port", str(port), "--num_workers", str(workers)], env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health/liveliness", 180, p)
     return Running("litellm", url, LITELLM_MASTER_KEY, p)
 
 
+# -- Redis and the FleetGate variants ---------------------------------------------------------------
+
+
+class Redis:
+    """One ``redis-server`` for a run's Redis paths (Debian's, loopback, nothing on disk).
+
+    Started on first use and stopped with the run's :class:`Procs`. Each path start gets a
+    database of its own (:meth:`fresh_url`), so one path's counters never meet another's.
+    """
+
+    DATABASES = 1024
+
+    def __init__(self, procs: Procs) -> None:
+        self.procs = procs
+        self.proc: Proc | None = None
+        self.port = 0
+        self._db = 0
+
+    def fresh_url(self) -> str:
+        if self.proc is None:
+            from bench.tree_ab import wait_tcp
+
+            self.port = free_port()
+            self.proc = self.procs.start("redis", [
+                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--databases", str(self.DATABASES)])
+            wait_tcp(self.port, 20)
+        if self._db >= self.DATABASES - 1:
+            raise RuntimeError(f"more than {self.DATABASES} Redis path starts in one run")
+        self._db += 1
+        return f"redis://127.0.0.1:{self.port}/{self._db}"
+
+
+def start_fleetgate_path(name: str, procs: Procs, upstream: str, workdir: Path, *,
+                         workers: int = 1, extra: list[str] | None = None,
+                         redis: Redis | None = None, upstream_max_connections: int = 1000,
+                         proc_name: str | None = None) -> Running:
+    """A FleetGate path (:data:`SPECS`): its own store, key, limits set-up and workers.
+
+    The limits are made through the CLI (``tree_ab.make_key``), the same calls an admin makes.
+    """
+    from bench.tree_ab import make_key, with_redis
+
+    spec = SPECS[name]
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = fleetgate_config(workdir, upstream, upstream_max_connections=upstream_max_connections)
+    if spec.redis:
+        if redis is None:
+            raise ValueError(f"path {name} needs a Redis")
+        with_redis(cfg, redis.fresh_url())
+    key = create_key(cfg) if spec.limits == "none" else make_key(ROOT, cfg, spec.limits)
+    more = ["--workers", str(workers)] if spec.many and workers > 1 else []
+    run = start_fleetgate(procs, cfg, key, name=proc_name or name, extra=[*more, *(extra or [])])
+    return Running(name, run.url, key, run.proc)
+
+
 def start(name: str, procs: Procs, upstream: str, workdir: Path, *,
-          fleetgate_extra: list[str] | None = None) -> Running:
-    """Start path ``name`` in front of ``upstream`` (for FleetGate: a fresh store and key)."""
+          fleetgate_extra: list[str] | None = None, workers: int = 1,
+          redis: Redis | None = None) -> Running:
+    """Start path ``name`` in front of ``upstream``; ``workers`` is N for the N-worker paths."""
     if name == "direct":
         return Running("direct", upstream, None, None)
-    if name == "fleetgate":
-        cfg = fleetgate_config(workdir, upstream)
-        return start_fleetgate(procs, cfg, create_key(cfg), extra=fleetgate_extra)
+    if name == "floor":
+        from bench.server_ab import start_floor
+
+        return start_floor(procs, upstream, "sk-floor-" + secrets.token_hex(16), "floor")
+    if name in FLEETGATE:
+        return start_fleetgate_path(name, procs, upstream, workdir / name, workers=workers,
+                                    extra=fleetgate_extra, redis=redis)
     if name == "vllm-router":
         return start_router(procs, upstream)
     if name == "litellm":
-        return start_litellm(procs, upstream, workdir)
+        return start_litellm(procs, upstream, workdir, workers)
     raise ValueError(f"unknown path {name!r}; known: {', '.join(ALL)}")

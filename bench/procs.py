@@ -24,11 +24,27 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def raise_nofile() -> int:
-    """Raise this process's open-file limit to the hard limit (children inherit it)."""
+def raise_nofile(wanted: int = 0) -> int:
+    """Raise this process's open-file limit to ``wanted`` or the hard limit, whichever is more.
+
+    Children inherit it, which is the point: scenario 4 holds two sockets per stream in the
+    gateway (client and upstream), one in the simulator and one in the load generator, so
+    10,000 streams need more than the 20,000 a VM's default hard limit often is. The hard limit
+    is raised only where this process may (root, up to ``fs.nr_open``); otherwise the soft limit
+    goes to the hard one. Returns the soft limit now in force.
+    """
+    inf = resource.RLIM_INFINITY
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard != inf and wanted > hard:
+        with contextlib.suppress(OSError, ValueError):
+            wanted = min(wanted, int(Path("/proc/sys/fs/nr_open").read_text()))
+        with contextlib.suppress(OSError, ValueError):  # needs CAP_SYS_RESOURCE
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, wanted) if hard == inf else hard
+    if soft != inf and soft < target:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
@@ -59,12 +75,21 @@ def rss_bytes(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    """User+system CPU of ``pid``'s process tree, reaped children included.
+
+    A live process's own time is its ``utime + stime``; a child that has exited and been
+    waited for moves its time into its parent's ``cutime + cstime``. Counting both over the
+    tree makes the total grow monotonically while workers (FleetGate's ``--workers``,
+    LiteLLM's ``--num_workers``) and any short-lived helpers come and go, so the difference of
+    two readings is the tree's CPU between them.
+    """
     total = 0.0
     for p in tree(pid):
         with contextlib.suppress(OSError, IndexError, ValueError):
             stat = Path(f"/proc/{p}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+            f = stat[stat.rindex(")") + 2 :].split()
+            # utime, stime, cutime, cstime
+            total += (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / _TICK
     return total
 
 

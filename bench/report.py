@@ -1,20 +1,31 @@
-"""The comparison table, the plot, and the results section of ``docs/benchmarks.md``.
+"""The tables, the bars, the plot, and the results section of ``docs/benchmarks.md``.
 
 Everything here is a pure function of the results dict that :mod:`bench.harness` builds (also
-saved as ``bench/results/latest.json``), so the table can be re-rendered from a saved run.
+saved as ``bench/results/latest.json``), so a saved run can be re-rendered (``--render``).
+
+A ratio or difference between two paths is taken within each round of scenarios 1 and 2 (both
+ran minutes apart on the same machine), and the median over the rounds is what a bar is judged
+on; the per-round values are printed beside it, so the noise shows. A bar whose measurement
+the run didn't make (a path left out, a smaller run than the bar names) is ``-``, never a pass.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PATHS = ("direct", "fleetgate", "vllm-router", "litellm")
-PEERS = ("vllm-router", "litellm")
+from bench.paths import ALL, SPECS
+
 START = "<!-- bench:results:start -->"
 END = "<!-- bench:results:end -->"
+ROUTER, LITELLM = "vllm-router", "litellm"
+FG, FG_NOLIMITS, FG_REDIS, FG_WORKERS = ("fleetgate", "fleetgate-nolimits", "fleetgate-redis",
+                                         "fleetgate-workers")
 
 Results = dict[str, Any]
 
@@ -26,6 +37,10 @@ def _get(results: Results, *keys: str) -> Any:
             return None
         cur = cur[k]
     return cur
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
 
 
 def _fmt(v: Any) -> str:
@@ -46,105 +61,322 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}"
 
 
-def _ratio(a: Any, b: Any, higher_is_better: bool) -> str:
-    if not isinstance(a, int | float) or not isinstance(b, int | float) or not a or not b:
+def _x(r: float | None) -> str:
+    if r is None:
         return "-"
-    r = a / b if higher_is_better else b / a
     return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
+
+
+def label(results: Results, name: str) -> str:
+    """The path's label as the run recorded it (else as :data:`SPECS` has it now)."""
+    rec = _get(results, "meta", "paths", name, "label")
+    if rec:
+        return str(rec)
+    spec = SPECS.get(name)
+    return spec.label.format(n=_get(results, "meta", "workers") or "N") if spec else name
+
+
+def _order(results: Results, scen: str) -> list[str]:
+    have = results.get(scen) or {}
+    return [p for p in ALL if p in have] + [p for p in have if p not in ALL]
+
+
+# -- same-round comparisons ------------------------------------------------------------------
+
+
+def paired(results: Results, scen: str, a: str, b: str, metric: str,
+           op: Callable[[float, float], float]) -> tuple[float | None, list[float]]:
+    """``op(a, b)`` on ``metric`` per round where both ran; (median, per-round values).
+
+    Results without rounds (one run per path) give the one value.
+    """
+    ra, rb = _get(results, scen, a, "rounds"), _get(results, scen, b, "rounds")
+    vals: list[float] = []
+    if isinstance(ra, list) and isinstance(rb, list):
+        by_round = {x.get("round"): x for x in rb}
+        for x in ra:
+            y = by_round.get(x.get("round"))
+            if y is not None and _num(x.get(metric)) and _num(y.get(metric)):
+                with_b = op(x[metric], y[metric])
+                if _num(with_b):
+                    vals.append(with_b)
+    else:
+        va, vb = _get(results, scen, a, metric), _get(results, scen, b, metric)
+        if _num(va) and _num(vb):
+            vals.append(op(va, vb))
+    return (statistics.median(vals) if vals else None), vals
+
+
+def _div(x: float, y: float) -> float:
+    return x / y if y else math.nan
+
+
+def _sub(x: float, y: float) -> float:
+    return x - y
+
+
+def ratio(results: Results, scen: str, a: str, b: str, metric: str = "rps"
+          ) -> tuple[float | None, list[float]]:
+    return paired(results, scen, a, b, metric, _div)
+
+
+def _rounds_note(vals: list[float], fmt: Callable[[float], str]) -> str:
+    return f" (rounds: {', '.join(fmt(v) for v in vals)})" if len(vals) > 1 else ""
+
+
+# -- the per-scenario tables -----------------------------------------------------------------
+
+Table = tuple[list[str], list[list[str]]]
+
+
+def s1_table(results: Results) -> Table | None:
+    if not results.get("s1"):
+        return None
+    head = ["path", "req/s", "vs vllm-router", "p50 ms", "p99 ms", "CPU, % of a core",
+            "CPU µs/request", "errors"]
+    rows = []
+    for p in _order(results, "s1"):
+        r = results["s1"][p]
+        cpu = _fmt(r.get("cpu_us_per_req"))
+        if _num(r.get("redis_cpu_us_per_req")):
+            cpu += f" (+{_fmt(r['redis_cpu_us_per_req'])} in Redis)"
+        vs, _ = ratio(results, "s1", p, ROUTER)
+        rows.append([label(results, p), _fmt(r.get("rps")), _x(vs), _fmt(r.get("p50_ms")),
+                     _fmt(r.get("p99_ms")), _fmt(r.get("cpu_pct")), cpu, _fmt(r.get("errors"))])
+    return head, rows
+
+
+def s2_table(results: Results) -> Table | None:
+    if not results.get("s2"):
+        return None
+    head = ["path", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "achieved req/s",
+            "errors", "generator lag p99 ms"]
+    rows = []
+    for p in _order(results, "s2"):
+        r = results["s2"][p]
+        rows.append([label(results, p), *(_fmt(r.get(k)) for k in (
+            "p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms", "achieved_rps", "errors",
+            "lag_p99_ms"))])
+    return head, rows
+
+
+def s3_table(results: Results) -> Table | None:
+    if not results.get("s3"):
+        return None
+    head = ["path", "streams done / failed", "TTFT p50 ms", "TTFT p99 ms", "added TTFT p50 ms",
+            "chunk gap p50 ms", "chunk gap p99 ms"]
+    rows = []
+    for p in _order(results, "s3"):
+        r = results["s3"][p]
+        rows.append([label(results, p), f"{_fmt(r.get('completed'))} / {_fmt(r.get('failed'))}",
+                     *(_fmt(r.get(k)) for k in ("ttft_p50_ms", "ttft_p99_ms",
+                                                "added_ttft_p50_ms", "gap_p50_ms",
+                                                "gap_p99_ms"))])
+    return head, rows
+
+
+def rest_table(results: Results) -> Table | None:
+    """Scenarios 4-6, one FleetGate process each."""
+    rows: list[list[str]] = []
+    s4 = results.get("s4")
+    if s4:
+        rows += [
+            ["4", "streams completed", f"{s4['completed']:,} / {s4['streams']:,}"],
+            ["4", "peak concurrent streams", _fmt(s4.get("peak_in_flight"))],
+            ["4", "peak RSS MB", _fmt(s4.get("peak_rss_mb"))],
+            ["4", "gateway CPU, % of a core", _fmt(s4.get("cpu_pct"))],
+            ["4", "open-file limit", _fmt(s4.get("nofile"))],
+        ]
+    s5 = results.get("s5")
+    if s5:
+        rows += [
+            ["5", f"RSS MB at {s5['checkpoint_requests']:,} requests",
+             _fmt(s5.get("rss_checkpoint_mb"))],
+            ["5", f"RSS MB at the end ({s5['requests']:,} requests)", _fmt(s5.get("rss_end_mb"))],
+            ["5", "RSS end / checkpoint", _fmt(s5.get("rss_ratio"))],
+            ["5", "soak req/s, errors", f"{s5['rps']:,.0f}, {s5['errors']}"],
+        ]
+    s6 = results.get("s6")
+    if s6:
+        rows += [
+            ["6", f"req/s, {s6['keys']:,} keys, a random key each (cold cache)",
+             _fmt(s6.get("rps"))],
+            ["6", "req/s, second run (warm cache)", _fmt(s6.get("warm_rps"))],
+            ["6", "cold req/s / scenario 1 (FleetGate 1 worker, no limits)",
+             _fmt(s6.get("ratio_to_s1"))],
+            ["6", "errors", _fmt(s6.get("errors"))],
+        ]
+    return (["scenario", "metric", "FleetGate"], rows) if rows else None
+
+
+# -- the bars --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bar:
+    issue: str
+    scenario: str
+    bar: str
+    measured: str
+    ok: bool | None  # None: this run didn't measure it
+
+
+def _s1_vs_router(results: Results, p: str) -> Bar:
+    r, vals = ratio(results, "s1", p, ROUTER)
+    fg, router = _get(results, "s1", p, "rps"), _get(results, "s1", ROUTER, "rps")
+    measured = "-" if r is None else (f"{_x(r)} ({_fmt(fg)} vs {_fmt(router)} req/s)"
+                                      + _rounds_note(vals, _x))
+    return Bar("11", "1", f">= 1.5x vllm-router's req/s: {label(results, p)}", measured,
+               None if r is None else r >= 1.5)
+
+
+def _s1_cpu(results: Results, p: str) -> Bar:
+    us = _get(results, "s1", p, "cpu_us_per_req")
+    redis = _get(results, "s1", p, "redis_cpu_us_per_req")
+    measured = f"{_fmt(us)} µs" if _num(us) else "-"
+    if _num(redis):
+        measured += f" (and {_fmt(redis)} µs in Redis, not counted)"
+    return Bar("11", "1", f"<= 50 µs gateway CPU/request: {label(results, p)}", measured,
+               None if not _num(us) else us <= 50)
+
+
+def bars(results: Results) -> list[Bar]:
+    out: list[Bar] = []
+    s1, s2, s3 = (results.get(k) or {} for k in ("s1", "s2", "s3"))
+    # -- issue 11, with the bar set-up (a user in a group, rpm/tpm limit, quota, accounting)
+    for p in (FG, FG_WORKERS):
+        if p in s1:
+            out += [_s1_vs_router(results, p), _s1_cpu(results, p)]
+    if FG in s2:
+        r = s2[FG]
+        a50, a99, rate = r.get("added_p50_ms"), r.get("added_p99_ms"), r.get("target_rps")
+        ok = None
+        if _num(a50) and _num(a99) and _num(rate) and rate >= 1000:
+            ok = a50 <= 0.25 and a99 <= 1.0
+        out.append(Bar("11", "2", f"added p50 <= 0.25 ms and p99 <= 1 ms at 1,000 req/s: "
+                       f"{label(results, FG)}",
+                       f"+{_fmt(a50)} / +{_fmt(a99)} ms at {_fmt(r.get('achieved_rps'))} req/s",
+                       ok))
+    if FG in s3:
+        r, d = s3[FG], s3.get("direct") or {}
+        add = r.get("added_ttft_p50_ms")
+        g50 = r.get("gap_p50_ms", math.nan) - d.get("gap_p50_ms", math.nan)
+        g99 = r.get("gap_p99_ms", math.nan) - d.get("gap_p99_ms", math.nan)
+        ok = None
+        if _num(add) and _num(g50) and _num(g99):
+            ok = add <= 0.5 and abs(g50) <= 1.0 and abs(g99) <= 1.0
+        out.append(Bar("11", "3", "added TTFT p50 <= 0.5 ms; chunk gaps unchanged (p50 and p99 "
+                       f"within 1 ms of direct): {label(results, FG)}",
+                       f"+{_fmt(add)} ms; gaps {g50:+.2f} / {g99:+.2f} ms vs direct", ok))
+    s4 = results.get("s4")
+    if s4:
+        n, done, rss = s4["streams"], s4["completed"], s4.get("peak_rss_mb")
+        ok = None if n < 10_000 else (done == n and _num(rss) and rss < 1024)
+        out.append(Bar("11", "4", "10,000 concurrent streams through one process, all "
+                       "completing, under 1 GB",
+                       f"{done:,} / {n:,} completed, peak {_fmt(s4.get('peak_in_flight'))} at "
+                       f"once, {_fmt(rss)} MB" + (" (a smaller run than the bar)"
+                                                  if n < 10_000 else ""), ok))
+    s5 = results.get("s5")
+    if s5:
+        full = s5["requests"] >= 1_000_000
+        rr = s5.get("rss_ratio")
+        out.append(Bar("11", "5", "RSS at the end of 1,000,000 requests <= 1.05x RSS at 100k",
+                       f"{_fmt(rr)}x ({_fmt(s5.get('rss_checkpoint_mb'))} -> "
+                       f"{_fmt(s5.get('rss_end_mb'))} MB over {s5['requests']:,} requests)",
+                       None if not full or not _num(rr) else rr <= 1.05))
+    # -- issue 9: the same set-up against the same path without limits, same rounds
+    if FG in s1 and FG_NOLIMITS in s1:
+        r, vals = ratio(results, "s1", FG, FG_NOLIMITS)
+        out.append(Bar("9", "1", "limits >= 0.9x no limits (1 worker, memory backend)",
+                       _x(r) + _rounds_note(vals, _x), None if r is None else r >= 0.9))
+    if FG in s2 and FG_NOLIMITS in s2:
+        d50, v50 = paired(results, "s2", FG, FG_NOLIMITS, "p50_ms", _sub)
+        d99, v99 = paired(results, "s2", FG, FG_NOLIMITS, "p99_ms", _sub)
+        ok = None if d50 is None or d99 is None else d50 <= 0.2 and d99 <= 0.2
+        out.append(Bar("9", "2", "added p50 and p99 <= 0.2 ms above no limits",
+                       f"p50 {_fmt(d50)} ms, p99 {_fmt(d99)} ms"
+                       + _rounds_note(v50, lambda v: f"{v:+.2f}")
+                       + _rounds_note(v99, lambda v: f"{v:+.2f}"), ok))
+    if FG_WORKERS in s1 and FG_REDIS in s1:
+        r, vals = ratio(results, "s1", FG_WORKERS, FG_REDIS)
+        out.append(Bar("9", "1", f"{label(results, FG_WORKERS)} >= 1.2x "
+                       f"{label(results, FG_REDIS)}", _x(r) + _rounds_note(vals, _x),
+                       None if r is None else r >= 1.2))
+    # -- issue 4's bars, kept
+    p = FG_WORKERS if FG_WORKERS in s1 else FG
+    if p in s1 and (ROUTER in s1 or LITELLM in s1):
+        vr, _ = ratio(results, "s1", p, ROUTER)
+        vl, _ = ratio(results, "s1", p, LITELLM)
+        ok = None
+        if vr is not None or vl is not None:
+            ok = (vr is None or vr >= 0.5) and (vl is None or vl >= 25)
+        out.append(Bar("4", "1", f">= 0.5x vllm-router, >= 25x LiteLLM: {label(results, p)}",
+                       f"{_x(vr)} vllm-router, {_x(vl)} {label(results, LITELLM)}", ok))
+    s6 = results.get("s6")
+    if s6:
+        r6 = s6.get("ratio_to_s1")
+        out.append(Bar("4", "6", "scenario 1's throughput holds with 100,000 keys (>= 0.9x, "
+                       "cold cache)", f"{_fmt(r6)}x with {s6['keys']:,} keys",
+                       None if not _num(r6) or s6["keys"] < 100_000 else r6 >= 0.9))
+    return out
 
 
 def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("PASS" if ok else "MISS")
 
 
-def rows(results: Results) -> list[list[str]]:
-    """Table rows: metric, one column per path, FleetGate's ratio to each peer, bar, verdict."""
-    out: list[list[str]] = []
+def bars_table(results: Results) -> Table | None:
+    bs = bars(results)
+    if not bs:
+        return None
+    return (["issue", "scenario", "bar", "measured", "verdict"],
+            [[b.issue, b.scenario, b.bar, b.measured, _verdict(b.ok)] for b in bs])
 
-    def per_path(label: str, scen: str, metric: str, *, higher: bool = True,
-                 bar: str = "", ok: bool | None = None, fg: str = "fleetgate") -> None:
-        vals = {p: _get(results, scen, fg if p == "fleetgate" else p, metric) for p in PATHS}
-        if fg != "fleetgate":
-            vals["direct"] = None
-        fg = vals["fleetgate"]
-        ratios = [_ratio(fg, vals[peer], higher) for peer in PEERS]
-        out.append([label, *(_fmt(vals[p]) for p in PATHS), *ratios, bar, _verdict(ok)])
 
-    def single(label: str, value: Any, bar: str = "", ok: bool | None = None,
-               direct: Any = None) -> None:
-        out.append([label, _fmt(direct), _fmt(value), "-", "-", "-", "-", bar, _verdict(ok)])
+# -- rendering -------------------------------------------------------------------------------
 
-    s1 = results.get("s1") or {}
-    fg1 = _get(results, "s1", "fleetgate", "rps")
-    if s1:
-        router, lite = _get(results, "s1", "vllm-router", "rps"), _get(results, "s1", "litellm", "rps")
-        ok = None
-        if fg1 is not None and (router is not None or lite is not None):
-            ok = (router is None or fg1 >= 0.5 * router) and (lite is None or fg1 >= 25 * lite)
-        per_path("1 throughput, req/s (32 conns)", "s1", "rps",
-                 bar=">= 0.5x router, >= 25x LiteLLM", ok=ok)
-        if _get(results, "s1", "fleetgate-1w", "rps") is not None:
-            per_path("1 throughput, FleetGate 1 worker", "s1", "rps", fg="fleetgate-1w")
-        per_path("1 p50 ms", "s1", "p50_ms", higher=False)
-        per_path("1 p99 ms", "s1", "p99_ms", higher=False)
-        per_path("1 path CPU, % of one core", "s1", "cpu_pct", higher=False)
-        per_path("1 errors (non-2xx + socket)", "s1", "errors", higher=False)
-    s2 = results.get("s2") or {}
-    if s2:
-        per_path("2 p50 ms @ 1000 req/s", "s2", "p50_ms", higher=False)
-        per_path("2 p99 ms @ 1000 req/s", "s2", "p99_ms", higher=False)
-        add50 = _get(results, "s2", "fleetgate", "added_p50_ms")
-        add99 = _get(results, "s2", "fleetgate", "added_p99_ms")
-        per_path("2 added p50 ms (minus direct)", "s2", "added_p50_ms", higher=False,
-                 bar="<= 1 ms", ok=None if add50 is None else add50 <= 1.0)
-        per_path("2 added p99 ms (minus direct)", "s2", "added_p99_ms", higher=False,
-                 bar="<= 5 ms", ok=None if add99 is None else add99 <= 5.0)
-    s3 = results.get("s3") or {}
-    if s3:
-        per_path("3 TTFT p50 ms (100 streams)", "s3", "ttft_p50_ms", higher=False)
-        per_path("3 TTFT p99 ms", "s3", "ttft_p99_ms", higher=False)
-        add = _get(results, "s3", "fleetgate", "added_ttft_p50_ms")
-        per_path("3 added TTFT p50 ms", "s3", "added_ttft_p50_ms", higher=False,
-                 bar="<= 2 ms", ok=None if add is None else add <= 2.0)
-        per_path("3 chunk gap p50 ms", "s3", "gap_p50_ms", higher=False)
-        per_path("3 chunk gap p99 ms", "s3", "gap_p99_ms", higher=False)
-    s4 = results.get("s4")
-    if s4:
-        done_ok = s4["completed"] == s4["streams"]
-        single("4 streams completed", f"{s4['completed']}/{s4['streams']}", "all", done_ok)
-        single("4 peak concurrent streams", s4["peak_in_flight"])
-        single("4 peak RSS MB", s4["peak_rss_mb"], "< 1024 MB", s4["peak_rss_mb"] < 1024)
-        single("4 gateway CPU, % of one core", s4["cpu_pct"])
-    s5 = results.get("s5")
-    if s5:
-        single(f"5 RSS MB at {s5['checkpoint_requests']:,} req", s5["rss_checkpoint_mb"])
-        single(f"5 RSS MB at end ({s5['requests']:,} req)", s5["rss_end_mb"])
-        single("5 RSS end / checkpoint", s5["rss_ratio"], "<= 1.1x", s5["rss_ratio"] <= 1.1)
-        single("5 soak req/s, errors", f"{s5['rps']:,.0f}, {s5['errors']}")
-    s6 = results.get("s6")
-    if s6:
-        ok = s6.get("ratio_to_s1")
-        single(f"6 req/s, {s6['keys']:,} keys, random key (cold cache)", s6["rps"])
-        single("6 req/s, second run (warm cache)", s6["warm_rps"])
-        single("6 cold req/s / scenario 1 req/s", ok, ">= ~1 (holds)",
-               None if ok is None else ok >= 0.9)
+
+def tables(results: Results) -> list[tuple[str, Table]]:
+    out = []
+    for title, fn in (
+        ("Scenario 1: throughput, `wrk -t1 -c32`", s1_table),
+        ("Scenario 2: latency at a fixed 1,000 req/s (open loop; added = minus direct, same "
+         "round)", s2_table),
+        ("Scenario 3: 100 concurrent streams, 50 tokens/s", s3_table),
+        ("Scenarios 4-6", rest_table),
+        ("The bars", bars_table),
+    ):
+        t = fn(results)
+        if t is not None:
+            out.append((title, t))
     return out
 
 
-HEADER = ["metric", *PATHS, "FG vs router", "FG vs LiteLLM", "bar", "verdict"]
-
-
-def markdown_table(results: Results) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+def _markdown(t: Table) -> str:
+    head, rows = t
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def _text(t: Table) -> str:
+    head, rows = t
+    data = [head, *rows]
+    widths = [max(len(r[i]) for r in data) for i in range(len(head))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(results: Results) -> str:
+    return "\n\n".join(f"**{title}**\n\n{_markdown(t)}" for title, t in tables(results))
+
+
 def text_table(results: Results) -> str:
-    data = [HEADER, *rows(results)]
-    widths = [max(len(r[i]) for r in data) for i in range(len(HEADER))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([fmt(data[0]), fmt(["-" * w for w in widths]), *map(fmt, data[1:])])
+    return "\n\n".join(f"== {title}\n{_text(t)}" for title, t in tables(results))
 
 
 def plot(results: Results, png: Path) -> bool:
@@ -156,16 +388,16 @@ def plot(results: Results, png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=80)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=80)
     ax = axes[0]
-    names = [p for p in PATHS if _get(results, "s1", p, "rps")]
+    names = [p for p in _order(results, "s1") if _num(_get(results, "s1", p, "rps"))]
     vals = [results["s1"][p]["rps"] for p in names]
-    bars = ax.bar(names, vals, color=["#888", "#2a7", "#c63", "#36c"][: len(names)])
-    ax.set_yscale("log")
+    colors = ["#2a7" if p.startswith("fleetgate") else "#888" for p in names]
+    bars_ = ax.barh(names[::-1], vals[::-1], color=colors[::-1])
+    ax.set_xscale("log")
     ax.set_title("Scenario 1: requests/s, 32 connections")
-    for b, v in zip(bars, vals, strict=True):
-        ax.annotate(f"{v:,.0f}", (b.get_x() + b.get_width() / 2, v), ha="center",
-                    va="bottom", fontsize=8)
+    for b, v in zip(bars_, vals[::-1], strict=True):
+        ax.annotate(f" {v:,.0f}", (v, b.get_y() + b.get_height() / 2), va="center", fontsize=8)
     ax = axes[1]
     series = _get(results, "s5", "series") or []
     if series:
@@ -183,17 +415,27 @@ def plot(results: Results, png: Path) -> bool:
 
 def results_section(results: Results, png_name: str | None) -> str:
     m = results.get("meta", {})
+    legend = (["path", "label", "how it runs"],
+              [[f"`{p}`", str(v.get("label", p)), str(v.get("how", ""))]
+               for p, v in (m.get("paths") or {}).items()])
     parts = [
         START,
         f"Run on {m.get('date', '?')} with `{' '.join(['bench/run', *m.get('argv', [])])}` "
-        f"(FleetGate at {m.get('git', '?')}, `fleetgate serve {m.get('fleetgate_args', '')}`).",
+        f"(FleetGate at {m.get('git', '?')}; N = {m.get('workers', '?')} workers; "
+        f"scenarios 1-2 in {m.get('rounds', 1)} interleaved round(s), medians shown; "
+        f"open-file limit {m.get('nofile', '?')}).",
         "",
         f"Machine: {m.get('nproc', '?')} cores ({m.get('cpu', '?')}), "
         f"{m.get('mem_gb', '?')} GB memory, {m.get('kernel', '?')}, Python {m.get('python', '?')}; "
         f"wrk {m.get('wrk', '?')}, nginx {m.get('nginx', '?')}.",
         "",
-        markdown_table(results),
     ]
+    if legend[1]:
+        parts += [_markdown(legend), ""]
+    parts.append(markdown_table(results))
+    if results.get("skipped"):
+        parts += ["", "Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in
+                                               results["skipped"].items())]
     if png_name:
         parts += ["", f"![throughput and soak RSS]({png_name})"]
     parts.append(END)

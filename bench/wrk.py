@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 _DONE = r"""
 done = function(summary, latency, requests)
@@ -67,7 +68,7 @@ def binary() -> str | None:
 
 
 def run(url: str, script: Path, *, duration_s: float, connections: int = 32,
-        threads: int = 1, timeout_s: float = 10) -> dict[str, float]:
+        threads: int = 1, timeout_s: float = 10) -> dict[str, Any]:
     """Run wrk and return requests/s, latency percentiles (ms) and error counts."""
     exe = binary()
     if exe is None:
