@@ -34,14 +34,12 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from fleetgate.errors import LimitsUnavailable
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import NO_LIMITS, Backend, Failure, Grant, Outcome, refusal
 from fleetgate.limits.headers import RateView, RawHeaders, encode
 from fleetgate.limits.redis_lua import ADMIT, SETTLE
+from fleetgate.limits.resp import Resp, RespError
 from fleetgate.limits.spec import Checks, Quota, Subject
 
 log = logging.getLogger("fleetgate.limits")
@@ -95,10 +93,10 @@ class RedisBackend(Backend):
         process_ttl_s: float = 15.0,
         max_pending_settles: int = 100_000,
         log_every_s: float = 10.0,
-        max_connections: int = 64,
+        max_in_flight: int = 100_000,
     ) -> None:
         self.url = url
-        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
         self.fail_open = fail_open
         self.timeout_s = timeout_s
         self.prefix = prefix
@@ -107,9 +105,9 @@ class RedisBackend(Backend):
         # Unique per backend instance: the field this process's slots are counted under.
         self.process_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._alive_prefix = f"{prefix}p:"
-        self._client: aioredis.Redis | None = None
-        self._admit: Any = None
-        self._settle: Any = None
+        self._client: Resp | None = None
+        self._admit = b""  # the scripts' SHA1s, once registered
+        self._settle = b""
         self._pending: collections.deque[tuple[list[str], list[Any]]] = collections.deque()
         self._max_pending = max_pending_settles
         self._wake = asyncio.Event()
@@ -124,25 +122,20 @@ class RedisBackend(Backend):
 
     # -- connection and the tasks beside the data plane -----------------------------------------
 
-    def _connect(self) -> aioredis.Redis:
+    def _connect(self) -> Resp:
         if self._client is None:
-            # Bounded: when Redis is slow, requests wait up to timeout_s for a connection and
-            # then fail closed (or open), instead of opening one connection each.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=self.max_connections,
-                timeout=self.timeout_s,
-                socket_timeout=self.timeout_s,
-                socket_connect_timeout=self.timeout_s,
-            )
-            self._client = aioredis.Redis(connection_pool=pool)
-            self._admit = self._client.register_script(ADMIT)
-            self._settle = self._client.register_script(SETTLE)
+            # One pipelined connection (fleetgate.limits.resp): every command has a deadline of
+            # timeout_s, after which requests fail closed (or open), and commands in flight are
+            # bounded.
+            self._client = Resp(self.url, timeout_s=self.timeout_s,
+                                max_pending=self.max_in_flight)
+            self._admit = self._client.script(ADMIT)
+            self._settle = self._client.script(SETTLE)
         return self._client
 
     async def start(self) -> None:
         self._connect()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RespError, OSError):
             await self._heartbeat_once()
         self._tasks = [
             asyncio.create_task(self._heartbeat(), name="limits-redis-heartbeat"),
@@ -170,22 +163,22 @@ class RedisBackend(Backend):
 
     async def _final(self) -> None:
         client = self._connect()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RespError, OSError):
             await self.flush()
-        with contextlib.suppress(RedisError, OSError):
-            await client.delete(self._alive_prefix + self.process_id)
+        with contextlib.suppress(RespError, OSError):
+            await client.call("DEL", self._alive_prefix + self.process_id)
 
     async def _heartbeat_once(self) -> None:
         client = self._connect()
-        await client.set(
-            self._alive_prefix + self.process_id, b"1", px=int(self.process_ttl_s * 1000)
+        await client.call(
+            "SET", self._alive_prefix + self.process_id, b"1", "PX", int(self.process_ttl_s * 1000)
         )
 
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():
             try:
                 await self._heartbeat_once()
-            except (RedisError, OSError) as e:
+            except (RespError, OSError) as e:
                 self._loud("heartbeat", f"cannot refresh this process's liveness key in Redis: {e}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.process_ttl_s / 3)
@@ -206,11 +199,10 @@ class RedisBackend(Backend):
         async with self._flush_lock:
             while self._pending:
                 batch = [self._pending[i] for i in range(min(256, len(self._pending)))]
-                client = self._connect()
-                async with client.pipeline(transaction=False) as pipe:
-                    for keys, args in batch:
-                        await self._settle(keys=keys, args=args, client=pipe)
-                    await pipe.execute()
+                replies = await self._connect().evalsha_many(self._settle, batch)
+                for r in replies:
+                    if isinstance(r, RespError):
+                        raise r
                 for _ in batch:
                     self._pending.popleft()
 
@@ -224,7 +216,7 @@ class RedisBackend(Backend):
             try:
                 await self.flush()
                 backoff = 0.05
-            except (RedisError, OSError) as e:
+            except (RespError, OSError) as e:
                 self._loud("settle", f"cannot settle {len(self._pending)} requests in Redis yet: {e}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
@@ -273,9 +265,8 @@ class RedisBackend(Backend):
         args.append(len(ckeys))
         args += [lim.max_concurrent for _, lim in checks.limits if lim.max_concurrent is not None]
         try:
-            self._connect()
-            r = await self._admit(keys=bkeys + qkeys + ckeys, args=args)
-        except (RedisError, OSError) as e:
+            r = await self._connect().evalsha(self._admit, bkeys + qkeys + ckeys, args)
+        except (RespError, OSError) as e:
             if self.fail_open:
                 self._loud("admit", f"Redis unreachable, letting requests through UNCOUNTED: {e}")
                 return NO_LIMITS
@@ -310,12 +301,12 @@ class RedisBackend(Backend):
 
     async def quota_used(self, subject: Subject, quota: Quota) -> int:
         key = f"{self.prefix}q:{_sid(subject)}:{quotas.period_key(time.time(), quota.period)}"
-        v = await self._connect().get(key)
+        v = await self._connect().call("GET", key)
         return int(v or 0)
 
     async def in_flight(self, subject: Subject) -> int:
-        h = await self._connect().hgetall(f"{self.prefix}c:{_sid(subject)}")
-        return sum(int(v) for v in h.values())
+        h = await self._connect().call("HGETALL", f"{self.prefix}c:{_sid(subject)}")
+        return sum(int(v) for v in h[1::2])
 
     async def seed_quota(self, subject: Subject, quota: Quota, used: int, now_wall: float) -> None:
         """Redis keeps quotas across restarts; seed only a counter that doesn't exist (SET NX)."""
@@ -323,8 +314,8 @@ class RedisBackend(Backend):
         end = int(quotas.period_end(now_wall, quota.period).timestamp()) + _QUOTA_GRACE_S
         client = self._connect()
         key = f"{self.prefix}q:{_sid(subject)}:{pk}"
-        if await client.set(key, used, nx=True):
-            await client.expireat(key, end)
+        if await client.call("SET", key, used, "NX") is not None:
+            await client.call("EXPIREAT", key, end)
 
 
 async def _bounded(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:

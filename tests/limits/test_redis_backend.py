@@ -150,7 +150,7 @@ async def test_a_dead_process_gives_its_slots_back(redis_srv: RedisServer) -> No
         a._stopping.set()
         await asyncio.wait(a._tasks[:1], timeout=5)
         client = b._connect()
-        await client.delete(f"{pfx}p:{a.process_id}")
+        await client.call("DEL", f"{pfx}p:{a.process_id}")
         g = await resolve(b.admit(checks, 1))
         assert await b.in_flight(TEAM) == 1
         g.settle(0, 0)
