@@ -8,6 +8,7 @@ where they are installed (bench/run installs them); everything else runs everywh
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -65,47 +66,145 @@ def test_percentile_is_nearest_rank() -> None:
     assert loadgen.percentile([], 50) != loadgen.percentile([], 50)  # NaN
 
 
+def _s1(rps: float, rnd: int, **more: float) -> dict:
+    return {"rps": rps, "round": rnd, **more}
+
+
 def _results() -> dict:
-    s1 = {"direct": {"rps": 50000.0, "p50_ms": 0.3, "p99_ms": 1.0},
-          "fleetgate": {"rps": 12000.0, "p50_ms": 2.0, "p99_ms": 9.0, "cpu_pct": 150.0},
-          "fleetgate-1w": {"rps": 9000.0},
-          "vllm-router": {"rps": 18000.0, "p50_ms": 1.5, "p99_ms": 4.0},
-          "litellm": {"rps": 200.0, "p50_ms": 150.0, "p99_ms": 400.0}}
+    """Two rounds of scenarios 1-2 (medians at the top, rounds kept), then 3-6."""
+    def path(*rounds: dict) -> dict:
+        return {**harness._median_of(list(rounds))}
+
+    s1 = {
+        "direct": path(_s1(50000, 0, cpu_us_per_req=10.0), _s1(52000, 1, cpu_us_per_req=10.0)),
+        "fleetgate": path(_s1(9000, 0, cpu_us_per_req=110.0, p50_ms=2.0, errors=0),
+                          _s1(10000, 1, cpu_us_per_req=100.0, p50_ms=2.2, errors=0)),
+        "fleetgate-nolimits": path(_s1(10000, 0, cpu_us_per_req=90.0),
+                                   _s1(10000, 1, cpu_us_per_req=90.0)),
+        "fleetgate-redis": path(_s1(8000, 0, cpu_us_per_req=120.0, redis_cpu_us_per_req=9.0),
+                                _s1(8000, 1, cpu_us_per_req=120.0, redis_cpu_us_per_req=9.0)),
+        "fleetgate-workers": path(_s1(12000, 0, cpu_us_per_req=130.0, redis_cpu_us_per_req=8.0),
+                                  _s1(8800, 1, cpu_us_per_req=130.0, redis_cpu_us_per_req=8.0)),
+        # The router's best round is not the rounds FleetGate was best in: same-round ratios.
+        "vllm-router": path(_s1(18000, 0), _s1(4000, 1)),
+        "litellm": path(_s1(200, 0), _s1(200, 1)),
+    }
+
+    def lat(rnd: int, p50: float, p99: float) -> dict:
+        return {"round": rnd, "p50_ms": p50, "p99_ms": p99, "target_rps": 1000.0,
+                "achieved_rps": 999.0}
+
+    s2 = {"direct": path(lat(0, 0.10, 0.5), lat(1, 0.10, 0.5)),
+          "fleetgate": path(lat(0, 0.30, 1.2), lat(1, 0.32, 1.3)),
+          "fleetgate-nolimits": path(lat(0, 0.25, 1.1), lat(1, 0.25, 1.1))}
+    for rounds in s2.values():
+        for x in rounds["rounds"]:
+            x["added_p50_ms"] = x["p50_ms"] - 0.10
+            x["added_p99_ms"] = x["p99_ms"] - 0.5
+    s2 = {k: harness._median_of(v["rounds"]) for k, v in s2.items()}
     return {
-        "meta": {"date": "2026-01-01 00:00 UTC", "argv": ["--quick"], "nproc": 2},
+        "meta": {"date": "2026-01-01 00:00 UTC", "argv": ["--quick"], "nproc": 2, "workers": 2,
+                 "rounds": 2, "paths": {p: {"label": paths.SPECS[p].label.format(n=2),
+                                            "how": paths.SPECS[p].how.format(n=2)}
+                                        for p in s1}},
         "s1": s1,
-        "s2": {"direct": {"p50_ms": 0.1, "p99_ms": 1.0, "added_p50_ms": 0.0, "added_p99_ms": 0.0},
-               "fleetgate": {"p50_ms": 0.4, "p99_ms": 7.0, "added_p50_ms": 0.3,
-                             "added_p99_ms": 6.0}},
-        "s4": {"streams": 5000, "completed": 5000, "peak_in_flight": 5000,
-               "peak_rss_mb": 300.0, "cpu_pct": 40.0},
+        "s2": s2,
+        "s3": {"direct": {"ttft_p50_ms": 100.0, "gap_p50_ms": 20.0, "gap_p99_ms": 21.0,
+                          "added_ttft_p50_ms": 0.0, "completed": 900, "failed": 0},
+               "fleetgate": {"ttft_p50_ms": 100.4, "gap_p50_ms": 20.1, "gap_p99_ms": 21.5,
+                             "added_ttft_p50_ms": 0.4, "completed": 900, "failed": 0}},
+        "s4": {"streams": 10000, "completed": 10000, "peak_in_flight": 10000,
+               "peak_rss_mb": 300.0, "cpu_pct": 40.0, "nofile": 65536},
         "s5": {"requests": 1000000, "checkpoint_requests": 100000, "rss_checkpoint_mb": 80.0,
-               "rss_end_mb": 84.0, "rss_ratio": 1.05, "rps": 9000.0, "errors": 0,
-               "series": [[0, 60.0], [100000, 80.0], [1000000, 84.0]]},
+               "rss_end_mb": 88.0, "rss_ratio": 1.1, "rps": 9000.0, "errors": 0,
+               "series": [[0, 60.0], [100000, 80.0], [1000000, 88.0]]},
+        "s6": {"keys": 100000, "rps": 9500.0, "warm_rps": 9800.0, "ratio_to_s1": 0.95,
+               "errors": 0},
     }
 
 
-def test_table_has_ratios_and_verdicts() -> None:
+def _bars(res: dict) -> dict[tuple[str, str], report.Bar]:
+    return {(b.issue, b.bar): b for b in report.bars(res)}
+
+
+def test_bars_are_judged_on_same_round_ratios() -> None:
+    res = _results()
+    bs = _bars(res)
+    fg, fgw = "FleetGate 1 worker, limits (memory)", "FleetGate 2 workers, limits (Redis)"
+    # Rounds 9,000/18,000 and 10,000/4,000: median 1.5x. The medians' ratio would be 0.86x.
+    vs_router = bs[("11", f">= 1.5x vllm-router's req/s: {fg}")]
+    assert vs_router.ok is True and vs_router.measured.startswith("1.50x")
+    assert "rounds: 0.50x, 2.50x" in vs_router.measured
+    assert bs[("11", f"<= 50 µs gateway CPU/request: {fg}")].ok is False  # 105 us
+    cpu_w = bs[("11", f"<= 50 µs gateway CPU/request: {fgw}")]
+    assert "8.00 µs in Redis" in cpu_w.measured
+    # s2: +0.21 ms p50 (median of 0.20 and 0.22), +0.75 ms p99.
+    assert bs[("11", f"added p50 <= 0.25 ms and p99 <= 1 ms at 1,000 req/s: {fg}")].ok is True
+    assert bs[("11", "added TTFT p50 <= 0.5 ms; chunk gaps unchanged (p50 and p99 within 1 ms "
+                     f"of direct): {fg}")].ok is True
+    assert bs[("11", "10,000 concurrent streams through one process, all completing, "
+                     "under 1 GB")].ok is True
+    assert bs[("11", "RSS at the end of 1,000,000 requests <= 1.05x RSS at 100k")].ok is False
+    # issue 9: 0.9 and 1.0 per round, median 0.95x; p50 +0.06 ms, p99 +0.15 ms above no limits.
+    lim = bs[("9", "limits >= 0.9x no limits (1 worker, memory backend)")]
+    assert lim.ok is True and lim.measured.startswith("0.95x")
+    assert bs[("9", "added p50 and p99 <= 0.2 ms above no limits")].ok is True
+    # 12,000/8,000 and 8,800/8,000: 1.5x and 1.1x, median 1.3x.
+    workers = bs[("9", f"{fgw} >= 1.2x FleetGate 1 worker, limits (Redis)")]
+    assert workers.ok is True and workers.measured.startswith("1.30x")
+    issue4 = bs[("4", f">= 0.5x vllm-router, >= 25x LiteLLM: {fgw}")]
+    assert issue4.ok is True  # 0.67x and 2.2x the router per round; 60x and 44x LiteLLM
+    assert bs[("4", "scenario 1's throughput holds with 100,000 keys (>= 0.9x, cold cache)")].ok
+
+
+def test_a_bar_the_run_did_not_measure_is_not_a_pass() -> None:
+    res = _results()
+    res["s4"].update(streams=500, completed=500)  # --quick
+    res["s5"].update(requests=50_000)
+    del res["s1"]["vllm-router"], res["s1"]["litellm"], res["s2"]["fleetgate-nolimits"]
+    res["s2"]["fleetgate"]["target_rps"] = 500.0
+    verdicts = {b.bar: b.ok for b in report.bars(res)}
+    assert verdicts["10,000 concurrent streams through one process, all completing, under 1 GB"
+                    ] is None
+    assert verdicts["RSS at the end of 1,000,000 requests <= 1.05x RSS at 100k"] is None
+    assert verdicts[">= 1.5x vllm-router's req/s: FleetGate 1 worker, limits (memory)"] is None
+    assert verdicts["added p50 <= 0.25 ms and p99 <= 1 ms at 1,000 req/s: FleetGate 1 worker, "
+                    "limits (memory)"] is None
+    assert "added p50 and p99 <= 0.2 ms above no limits" not in verdicts
+    rows = {r[2]: r for r in report.bars_table(res)[1]}  # type: ignore[index]
+    assert rows["RSS at the end of 1,000,000 requests <= 1.05x RSS at 100k"][-1] == "-"
+
+
+def test_failed_streams_miss_the_bar() -> None:
+    res = _results()
+    res["s4"].update(completed=9_950)
+    b = next(b for b in report.bars(res) if b.scenario == "4")
+    assert b.ok is False and "9,950 / 10,000" in b.measured
+
+
+def test_tables_label_every_path_and_show_cpu_per_request() -> None:
     text = report.text_table(_results())
-    assert "0.67x" in text  # 12,000 / 18,000
-    assert "60x" in text  # 12,000 / 200
-    rows = {r[0]: r for r in report.rows(_results())}
-    assert rows["1 throughput, req/s (32 conns)"][-1] == "PASS"
-    assert rows["2 added p99 ms (minus direct)"][-1] == "MISS"  # 6 ms > 5 ms
-    assert rows["4 peak RSS MB"][-1] == "PASS"
-    assert rows["5 RSS end / checkpoint"][-1] == "PASS"
-    assert rows["1 throughput, FleetGate 1 worker"][2] == "9,000"
+    assert "floor" not in text  # not in this run
+    for p in ("FleetGate 1 worker, no limits", "FleetGate 2 workers, limits (Redis)",
+              "LiteLLM 2 workers", "vllm-router (Rust, no auth)"):
+        assert p in text
+    s1 = {r[0]: r for r in report.s1_table(_results())[1]}  # type: ignore[index]
+    assert s1["FleetGate 1 worker, limits (memory)"][6] == "105"
+    assert s1["FleetGate 1 worker, limits (Redis)"][6] == "120 (+9.00 in Redis)"
+    assert s1["FleetGate 1 worker, limits (memory)"][2] == "1.50x"  # same-round median
+    assert report.SPECS["floor"].label == "floor: Python on this box, bare proxy, not a product"
 
 
 def test_docs_section_is_replaced_in_place(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# B\n\nmethod\n\n{report.START}\nold\n{report.END}\n\ntried\n")
+    doc.write_text(f"# B\n\nmethod\n\n{report.START}\nOLD-SECTION\n{report.END}\n\ntried\n")
     report.write_docs(_results(), doc, "benchmarks.png")
     report.write_docs(_results(), doc, "benchmarks.png")
     text = doc.read_text()
-    assert "old" not in text and text.count(report.START) == 1
+    assert "OLD-SECTION" not in text and text.count(report.START) == 1
     assert text.startswith("# B\n\nmethod") and text.rstrip().endswith("tried")
-    assert "| 1 throughput, req/s (32 conns) |" in text and "benchmarks.png" in text
+    assert "| `fleetgate-workers` | FleetGate 2 workers, limits (Redis) |" in text
+    assert "**The bars**" in text and "benchmarks.png" in text and "2 interleaved round" in text
 
 
 def test_plot_or_a_clean_refusal_without_matplotlib(tmp_path: Path) -> None:
@@ -122,9 +221,14 @@ def test_plot_or_a_clean_refusal_without_matplotlib(tmp_path: Path) -> None:
 def test_quick_mode_is_short() -> None:
     a = harness.parse_args(["--quick", "--only", "1,5"])
     assert a.duration == 3.0 and a.soak_requests == 50_000 and a.scenarios == {1, 5}
+    assert a.rounds == 1 and a.streams == 500
     assert harness.one_process("--workers 2 --access-log") == ["--access-log"]
     full = harness.parse_args([])
-    assert full.soak_requests == 1_000_000 and full.keys == 100_000 and full.streams == 5_000
+    assert full.soak_requests == 1_000_000 and full.keys == 100_000 and full.streams == 10_000
+    assert full.rounds == 3 and full.workers == (os.cpu_count() or 1)
+    assert full.path_list == list(paths.ALL) and "floor" in full.path_list
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--paths", "fleetgate,nope"])
 
 
 def test_bulk_keys_use_the_cli_digest(tmp_path: Path) -> None:
@@ -192,3 +296,90 @@ def test_bench_run_is_executable_and_documents_itself() -> None:
     assert run.stat().st_mode & 0o111
     out = subprocess.run(["bash", "-n", str(run)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+_BURN = "import time\nwhile time.process_time() < 0.3:\n    pass\n"
+_PARENT = f"""
+import subprocess, sys
+burn = {_BURN!r}
+sys.stdin.readline()  # "go": the sampler is running
+live = subprocess.Popen([sys.executable, "-c", burn + "print('burnt', flush=True)\\nimport sys; sys.stdin.read()"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+live.stdout.readline()  # its 0.3 s are spent; it stays alive (a worker)
+for _ in range(2):  # exited and reaped: their 0.3 s each move into this process's cutime
+    subprocess.run([sys.executable, "-c", burn], check=True)
+print("done", flush=True)
+sys.stdin.read()
+live.stdin.close()
+live.wait()
+"""
+
+
+def test_cpu_of_a_tree_counts_live_workers_and_reaped_children() -> None:
+    import selectors
+
+    p = subprocess.Popen([sys.executable, "-c", _PARENT], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        with Sampler(p.pid, interval_s=0.05) as smp:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            sel = selectors.DefaultSelector()
+            sel.register(p.stdout, selectors.EVENT_READ)
+            assert sel.select(timeout=60), "the process tree never finished its work"
+            assert p.stdout.readline().strip() == "done"
+        # 0.3 s in the live child + 2 x 0.3 s in reaped ones (+ interpreter start-ups): either
+        # kind left out would leave at most ~0.6 s.
+        assert smp.cpu_s >= 0.85, smp.cpu_s
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+
+
+def _post(url: str, key: str | None) -> tuple[int, dict[str, str]]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + CHAT, data=upstream.REQUEST,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_fleetgate_workers_path_runs_the_bar_set_up_on_redis(fast_sim: str,
+                                                             tmp_path: Path) -> None:
+    import redis as redis_client
+    import yaml
+
+    from bench.procs import tree
+
+    with Procs(tmp_path) as procs:
+        rd = paths.Redis(procs)
+        run = paths.start("fleetgate-workers", procs, fast_sim, tmp_path, workers=2, redis=rd)
+        assert run.proc is not None and run.key
+        status, headers = _post(run.url, run.key)
+        assert status == 200
+        assert "x-ratelimit-limit-requests" in headers  # the key's user is limited
+        assert len(tree(run.proc.pid)) >= 3  # the supervisor and its two workers
+        cfg = yaml.safe_load(next((tmp_path / "fleetgate-workers").glob("*.yaml")).read_text())
+        assert cfg["limits"]["backend"] == "redis"
+        assert redis_client.Redis.from_url(cfg["limits"]["redis_url"]).dbsize() > 0
+        plain = paths.start("fleetgate-nolimits", procs, fast_sim, tmp_path)
+        status, headers = _post(plain.url, plain.key)
+        assert status == 200 and "x-ratelimit-limit-requests" not in headers
+        assert _post(plain.url, None)[0] == 401
+        procs_started = list(procs.items)
+    assert not any(p.alive() for p in procs_started)  # Redis and the gateways stopped
+
+
+def test_floor_path_proxies_with_its_key_only(fast_sim: str, tmp_path: Path) -> None:
+    with Procs(tmp_path) as procs:
+        run = paths.start("floor", procs, fast_sim, tmp_path)
+        assert _post(run.url, run.key)[0] == 200
+        assert _post(run.url, "wrong")[0] == 401
