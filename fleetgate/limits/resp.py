@@ -72,19 +72,22 @@ class Address:
 
 
 def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
-    """A command as RESP: an array of bulk strings."""
+    """A command as RESP: an array of bulk strings (by exact type first: this runs per command)."""
     out = [b"*%d\r\n" % len(args)]
     for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, bool):
-            b = b"1" if a else b"0"
-        elif isinstance(a, str):
+        t = type(a)
+        if t is str:
             b = a.encode()
-        elif isinstance(a, int | float):
+        elif t is int:
+            b = b"%d" % a
+        elif t is bytes:
+            b = a
+        elif t is bool:
+            b = b"1" if a else b"0"
+        elif t is float:
             b = repr(a).encode()
         else:
-            raise TypeError(f"can't send {type(a).__name__} to Redis")
+            raise TypeError(f"can't send {t.__name__} to Redis")
         out.append(b"$%d\r\n%b\r\n" % (len(b), b))
     return b"".join(out)
 
