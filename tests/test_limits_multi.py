@@ -12,7 +12,9 @@ exactly 10 requests through however they are spread over the gateways or workers
 refused by every gateway within the revocation poll; a token quota spent on both gateways ends
 in ``insufficient_quota`` on both, and what it says is left is exact; a ``max_tokens`` cap is a
 400 on both; a concurrency slot held by a stream on one gateway refuses a request on the other
-until the stream ends, and the client's own retry (after ``Retry-After``) then gets through.
+until the stream ends, and the client's own retry (after ``Retry-After``) then gets through;
+Redis gone is 503 ``limits_unavailable`` on a gateway that fails closed and uncounted answers on
+one set to fail open, and both count together again when it is back.
 
 The bucket refills one request every 6 s, so "exactly 10" holds for a burst sent within 6 s;
 each burst is sent concurrently and the assertion allows one more per 6 s actually elapsed
@@ -363,4 +365,42 @@ def _admitted(url: str, key: str) -> bool:
     try:
         return bool(chat(url, key).choices)
     except (openai.RateLimitError, openai.AuthenticationError):
+        return False
+
+
+def test_redis_down_fails_closed_on_one_gateway_and_open_on_the_other(
+        tmp_path: Path, postgres_url: str, engine_url: str) -> None:  # noqa: F811
+    """Its own Redis (killed here) and two gateways, one with ``limits.redis_fail_open``."""
+    store = new_database(postgres_url)
+    with redis_server() as srv:
+        closed = write_config(tmp_path / "closed.yaml", store, srv.url, engine_url)
+        opened = write_config(tmp_path / "open.yaml", store, srv.url, engine_url)
+        opened.write_text(opened.read_text().replace(
+            "limits: {", "limits: {redis_fail_open: true, "))
+        cli(closed, "groups", "create", "three", "--models", "*", "--rpm", "3")
+        key = user_with_key(closed, "eve", "--group", "three")
+        b_port = free_port()
+        with gateway(closed, free_port()) as a, gateway(opened, b_port) as b:
+            assert chat(a, key).choices and chat(b, key).choices
+            srv.kill()
+            with pytest.raises(openai.APIStatusError) as e:
+                chat(a, key)
+            assert e.value.status_code == 503 and e.value.code == "limits_unavailable"
+            assert e.value.response.headers["retry-after"] == "2"
+            for _ in range(3):  # more than the 3 rpm: nothing is counted while Redis is gone
+                assert chat(b, key).choices
+            log = (tmp_path / f"gateway-{b_port}.log").read_text("utf-8")
+            assert "ERROR" in log and "letting requests through UNCOUNTED" in log
+            with redis_server(port=srv.port):  # back, empty: both count again, together
+                until(partial(_admitted_again, a, key), 20, "gateway A to admit again")
+                results = [_admitted(u, key) for u in (a, b, a, b, a)]
+                assert results.count(True) == 2, results  # 3 a minute, one taken by the until
+
+
+def _admitted_again(url: str, key: str) -> bool:
+    """Admitted; ``False`` while the gateway still finds Redis unreachable (503)."""
+    try:
+        return bool(chat(url, key).choices)
+    except openai.InternalServerError as e:
+        assert e.status_code == 503 and e.code == "limits_unavailable"
         return False
