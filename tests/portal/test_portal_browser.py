@@ -5,8 +5,9 @@ A user who exists only in the directory signs in, creates a key, copies the exam
 the Get started page (through the page's own Copy button and the clipboard), runs it unchanged
 with the official ``openai`` client, sees the request on the usage page, revokes the key and sees
 the client fail with ``AuthenticationError``. An admin (a local account whose password was set
-with ``fleetgate users set-password``) sees the admin pages. Screenshots of the main pages land in
-``docs/img/portal-*.png`` for the README.
+with ``fleetgate users set-password``) sees the admin pages. Screenshots of the main pages are
+taken on every run; with ``FLEETGATE_SCREENSHOTS=1`` they replace ``docs/img/portal-*.png`` (the
+README's), otherwise they go to a temporary folder, so a test run leaves the tree clean.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +29,11 @@ from helpers import FLEETGATE, free_port, gateway, sim
 from ldap_server import Slapd
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
+SHOTS = (
+    Path(__file__).resolve().parents[2] / "docs" / "img"
+    if os.environ.get("FLEETGATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / f"fleetgate-portal-shots-{os.getpid()}"
+)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="Debian's chromium is not installed (scripts/test.sh)")
