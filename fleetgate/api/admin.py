@@ -242,7 +242,8 @@ class AdminRoutes:
         name = req.params["name"]
         ctx = await self._may(req, "user.read", target=name, object_id=name)
         u = await self._run(user_svc.get_user, ctx, name)
-        await send_json(req.send, 200, user_svc.as_json(u))
+        quotas = await self._run(usage_report.quotas_of, ctx, u.id)
+        await send_json(req.send, 200, {**user_svc.as_json(u), "quotas": _quota_json(quotas)})
 
     async def patch_user(self, req: Request) -> None:
         name = req.params["name"]
@@ -416,10 +417,7 @@ class AdminRoutes:
                 {"subject": s.kind, "name": s.id, **{k: getattr(lim, k) for k in LIMIT_FIELDS}}
                 for s, lim in p.limits
             ],
-            "quotas": [{"subject": v.subject, "tokens": v.tokens, "period": v.period,
-                        "used": v.used, "left": v.left,
-                        "resets_at": v.resets_at.replace(tzinfo=None).isoformat() + "Z"}
-                       for v in quotas],
+            "quotas": _quota_json(quotas),
         })
 
     async def my_keys(self, req: Request) -> None:
@@ -551,3 +549,10 @@ def _query_checked(
         await handler(req)
 
     return checked
+
+
+def _quota_json(quotas: list[usage_report.QuotaView]) -> list[dict[str, object]]:
+    """Each quota that applies to a user (their own, their groups'), with what is used and left."""
+    return [{"subject": v.subject, "tokens": v.tokens, "period": v.period, "used": v.used,
+             "left": v.left, "resets_at": v.resets_at.replace(tzinfo=None).isoformat() + "Z"}
+            for v in quotas]

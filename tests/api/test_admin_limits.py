@@ -155,3 +155,8 @@ async def test_usage_is_everyones_for_admins_and_only_ones_own_for_users(
                                      "max_concurrent": None, "max_tokens": None,
                                      "max_n": None}]
     assert me["quota"] == {"tokens": 1000, "period": "month"}
+    # An admin reads the same for any user: what is used and left of each quota that applies.
+    alice = (await call(gw, "GET", "/admin/v1/users/alice", root)).json()
+    assert alice["quotas"] == me["quotas"]
+    bob = (await call(gw, "GET", "/admin/v1/users/bob", root)).json()
+    assert bob["quotas"] == []
