@@ -189,10 +189,10 @@ def _s1(a: argparse.Namespace, name: str, run: paths.Running, script: Path, work
         r: dict[str, Any] = wrk.run(run.url, script, duration_s=a.duration)
     if prof is not None:
         prof.wait(timeout=60)
-    n = max(1, r["requests"])
+    n = r["requests"]
     for prefix, smp in samplers:
         r[f"{prefix}cpu_pct"] = 100 * smp.cpu_s / smp.wall_s
-        r[f"{prefix}cpu_us_per_req"] = 1e6 * smp.cpu_s / n
+        r[f"{prefix}cpu_us_per_req"] = 1e6 * smp.cpu_s / n if n else None  # none answered
         r[f"{prefix}rss_mb"] = smp.peak_rss / MB
     return r
 
@@ -215,13 +215,14 @@ def s1_s2(a: argparse.Namespace, procs: Procs, work: Path, up: str, nginx: Proc,
     per: dict[str, dict[str, list[dict[str, Any]]]] = {"s1": {}, "s2": {}}
     for rnd in range(a.rounds):
         order = a.path_list if rnd % 2 == 0 else a.path_list[::-1]
+        (work / f"r{rnd}").mkdir(exist_ok=True)
         for name in order:
             if name in res.get("skipped", {}):
                 continue
             log(f"scenario 1/2, round {rnd + 1}/{a.rounds}: starting {name}")
             try:
                 run = paths.start(name, procs, up, work / f"r{rnd}", workers=a.workers,
-                                  fleetgate_extra=a.fleetgate_args.split(), redis=redis)
+                                  fleetgate_extra=one_process(a.fleetgate_args), redis=redis)
             except (FileNotFoundError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
                 log(f"  {name} unavailable: {e}")
                 res.setdefault("skipped", {})[name] = str(e).splitlines()[0]
@@ -259,7 +260,7 @@ def _s1_s2_one(a: argparse.Namespace, name: str, run: paths.Running, rnd: int, w
         r["round"] = rnd
         per["s1"].setdefault(name, []).append(r)
         log(f"  s1 {name}: {r['rps']:,.0f} req/s p50 {r['p50_ms']:.2f} ms "
-            f"p99 {r['p99_ms']:.2f} ms, {r['cpu_us_per_req']:.0f} us CPU/req, "
+            f"p99 {r['p99_ms']:.2f} ms, {r['cpu_us_per_req'] or 0:.0f} us CPU/req, "
             f"errors {r['errors']}")
     if 2 in a.scenarios and name != "litellm":
         tgt = loadgen.Target(run.host, run.port, CHAT, upstream.REQUEST, run.headers())

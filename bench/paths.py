@@ -52,7 +52,8 @@ class Spec:
 
 
 SPECS: dict[str, Spec] = {s.name: s for s in (
-    Spec("direct", "direct (upstream alone)", "the upstream itself, no gateway"),
+    Spec("direct", "direct (upstream alone)",
+         "the upstream itself, no gateway (its CPU per request is the upstream's own)"),
     Spec("floor", "floor: Python on this box, bare proxy, not a product",
          "bench/bare_proxy.py, 1 process: uvloop + httptools protocols, key digest in a dict, "
          "`model` parsed, pooled keep-alive upstream, usage counted in memory"),
@@ -200,8 +201,14 @@ def start_litellm(procs: Procs, upstream: str, workdir: Path, workers: int = 1) 
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
            "LITELLM_LOG": "ERROR", "NO_PROXY": "*",
            "PATH": f"{exe.parent}:{os.environ.get('PATH', '')}"}
-    p = procs.start("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1",
-                                "--port", str(port), "--num_workers", str(workers)], env=env)
+    argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", str(workers)]
+    if workers > 1:
+        # uvicorn's supervisor kills a worker that doesn't answer its health check within 5 s;
+        # on a busy 2-core box LiteLLM's workers take longer than that to import, so they were
+        # killed and restarted in a loop and served nothing. Patience costs nothing per request.
+        argv += ["--timeout_worker_healthcheck", "120"]
+    p = procs.start("litellm", argv, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health/liveliness", 180, p)
     return Running("litellm", url, LITELLM_MASTER_KEY, p)
