@@ -201,6 +201,8 @@ def _median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of every numeric field over the rounds, with the rounds kept beside it."""
     out: dict[str, Any] = {}
     for k in rounds[0]:
+        if k == "round":
+            continue
         vals = [r[k] for r in rounds if isinstance(r.get(k), int | float)]
         if vals and len(vals) == len(rounds):
             out[k] = statistics.median(vals)
@@ -225,10 +227,15 @@ def s1_s2(a: argparse.Namespace, procs: Procs, work: Path, up: str, nginx: Proc,
                                   fleetgate_extra=one_process(a.fleetgate_args), redis=redis)
             except (FileNotFoundError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
                 log(f"  {name} unavailable: {e}")
-                res.setdefault("skipped", {})[name] = str(e).splitlines()[0]
+                res.setdefault("skipped", {})[name] = (str(e) or type(e).__name__).splitlines()[0]
                 continue
             try:
                 _s1_s2_one(a, name, run, rnd, work, nginx, redis, per)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                # One path failing mid-run (wrk printing nothing, a refused connection) costs
+                # that path's round, not the whole run; the report lists it.
+                log(f"  {name} failed in round {rnd + 1}: {e}")
+                res.setdefault("skipped", {})[f"{name} round {rnd + 1}"] = (str(e) or type(e).__name__).splitlines()[0]
             finally:
                 if run.proc is not None:
                     procs.stop(run.proc)
