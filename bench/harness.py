@@ -225,7 +225,7 @@ def s1_s2(a: argparse.Namespace, procs: Procs, work: Path, up: str, nginx: Proc,
             try:
                 run = paths.start(name, procs, up, work / f"r{rnd}", workers=a.workers,
                                   fleetgate_extra=one_process(a.fleetgate_args), redis=redis)
-            except (FileNotFoundError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                 log(f"  {name} unavailable: {e}")
                 res.setdefault("skipped", {})[name] = (str(e) or type(e).__name__).splitlines()[0]
                 continue
@@ -287,7 +287,7 @@ def s3(a: argparse.Namespace, procs: Procs, work: Path, res: dict[str, Any]) -> 
         try:
             run = paths.start(name, procs, sim, work / "s3", fleetgate_extra=one_process(
                 a.fleetgate_args))
-        except (FileNotFoundError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
             log(f"  {name} unavailable: {e}")
             continue
         tgt = loadgen.Target(run.host, run.port, CHAT, body, run.headers())
