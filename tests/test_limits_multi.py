@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -259,17 +259,29 @@ def test_a_revoked_key_and_a_disabled_user_fail_on_both_gateways(two: Stack) -> 
         assert refused_401(url, revoked)
 
 
-def test_a_revoked_key_fails_on_both_workers(workers: Stack) -> None:
-    key = new_key(workers.cfg, "short-lived")
-    assert chat(workers.urls[0], key).choices
-    cli(workers.cfg, "keys", "revoke", key_id(workers.cfg, "short-lived"))
-    # Each worker has its own key cache. Fresh connections reach both; once each has refused
-    # the key (a revocation, once seen, stays), every request is refused.
+def until_both_workers(log: Path, status: int, send: Callable[[], bool], what: str) -> None:
+    """Call ``send`` (one request on a fresh connection) until it is true and both workers
+    have answered ``status`` to such a request since the first call."""
+    before = answered_by(log, status)
+    until(lambda: send() and len(answered_by(log, status) - before) == 2, 10, what)
+
+
+def test_a_revoked_key_and_a_disabled_user_fail_on_both_workers(workers: Stack) -> None:
     assert workers.log is not None
-    log, before = workers.log, answered_by(workers.log, 401)
-    until(lambda: refused_401(workers.urls[0], key)
-          and len(answered_by(log, 401) - before) == 2, 10, "both workers to refuse the key")
-    assert all(refused_401(workers.urls[0], key) for _ in range(12))
+    log, url = workers.log, workers.urls[0]
+    revoked = new_key(workers.cfg, "short-lived")
+    cli(workers.cfg, "groups", "create", "plain", "--models", "*")
+    disabled = user_with_key(workers.cfg, "ida", "--group", "plain")
+    # Both workers load and cache both keys first.
+    for key in (revoked, disabled):
+        until_both_workers(log, 200, partial(_admitted, url, key), "both workers to admit")
+    cli(workers.cfg, "keys", "revoke", key_id(workers.cfg, "short-lived"))
+    cli(workers.cfg, "users", "disable", "ida")
+    # Each worker has its own key cache; once each has refused a key (a revocation or a
+    # disable, once seen, stays), every request with it is refused.
+    for key in (revoked, disabled):
+        until_both_workers(log, 401, partial(refused_401, url, key), "both workers to refuse")
+        assert all(refused_401(url, key) for _ in range(8))
 
 
 LEFT = re.compile(r"has (\d+) tokens left")
