@@ -64,6 +64,8 @@ def _fmt(v: Any) -> str:
 def _x(r: float | None) -> str:
     if r is None:
         return "-"
+    if r < 0.01:
+        return f"{r:.4f}x"
     return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
 
 
