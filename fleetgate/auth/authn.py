@@ -58,6 +58,7 @@ class _Entry:
     principal: Principal
     expires_at: float | None  # epoch seconds
     cached_at: float
+    version: dt.datetime | None = None  # the key row's updated_at when read
     touched: float = 0.0  # when ``last used`` was last queued for this key
 
 
@@ -241,11 +242,12 @@ class Authenticator:
             networks=networks,
         )
         exp = _epoch(rec.expires_at)
-        out = {rec.digest: _Entry(principal, exp, now)}
+        out = {rec.digest: _Entry(principal, exp, now, rec.updated_at)}
         prev, until = rec.previous_digest, _epoch(rec.previous_valid_until)
         if prev is not None and until is not None and now < until:
             # The old value stops when the overlap ends (or the key expires, if that is sooner).
-            out[prev] = _Entry(principal, until if exp is None else min(exp, until), now)
+            out[prev] = _Entry(principal, until if exp is None else min(exp, until), now,
+                               rec.updated_at)
         return out
 
     async def reload(self) -> int:
@@ -300,7 +302,7 @@ class Authenticator:
 
     def _poll(
         self, since: dt.datetime, last_used: dict[int, dt.datetime]
-    ) -> list[tuple[int, str, str | None]]:
+    ) -> list[repo.Change]:
         """Blocking store work for one refresh: runs in a worker thread, touches no shared state."""
         assert self.engine is not None
         changed = repo.changed_since(self.engine, since)
@@ -319,16 +321,24 @@ class Authenticator:
             for k, v in pending.items():  # keep them for the next round
                 self._last_used.setdefault(k, v)
             raise
+        # The window overlaps the last one, so a change comes again in the next polls: a cached
+        # entry read at that change's version (or later) is current and stays, or every poll in
+        # the overlap would evict it again and its next request would read the store.
         if changed:
             ids = set()
-            for key_id, d, prev in changed:
-                ids.add(key_id)
+            for key_id, d, prev, at in changed:
                 for x in (d, prev):
                     if x is not None:
+                        e = self._cache.get(x)
+                        if e is not None and e.version is not None and e.version >= at:
+                            continue
+                        ids.add(key_id)
                         self._cache.pop(x, None)
                         self._negative.pop(x, None)
             # A value dropped from the store (an earlier rotation's) is found by its key id.
-            for x in [x for x, e in self._cache.items() if e.principal.key_id in ids]:
+            stale = [x for x, e in self._cache.items() if e.principal.key_id in ids
+                     and (e.version is None or e.version < max_at(changed, e.principal.key_id))]
+            for x in stale:
                 del self._cache[x]
         self._poll_since = started
 
@@ -364,3 +374,8 @@ class Authenticator:
                 await self.poll_once()
             except Exception as e:
                 log.warning("final last-used flush failed: %s", type(e).__name__)
+
+
+def max_at(changed: list[repo.Change], key_id: int) -> dt.datetime:
+    """The newest change of one key in a poll's change feed."""
+    return max(at for i, _, _, at in changed if i == key_id)

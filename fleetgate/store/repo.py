@@ -78,6 +78,7 @@ class KeyRecord:
     previous_digest: str | None = None
     previous_valid_until: dt.datetime | None = None
     rotated_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None  # its version: the change feed's stamp
     limits: dict[str, int] | None = None
     allow_ips: tuple[str, ...] | None = None
 
@@ -108,6 +109,7 @@ def _record(row: object) -> KeyRecord:
         previous_digest=m["previous_digest"],
         previous_valid_until=m["previous_valid_until"],
         rotated_at=m["rotated_at"],
+        updated_at=m.get("updated_at"),
         limits=m["limits"] or None,
         allow_ips=_tuple(m["allow_ips"]),
     )
@@ -246,18 +248,22 @@ def any_limits(engine: Engine) -> bool:
         return any(conn.execute(q.limit(1)).first() is not None for q in checks)
 
 
-def changed_since(engine: Engine, since: dt.datetime) -> list[tuple[int, str, str | None]]:
-    """``(id, digest, previous digest)`` of every key changed since ``since``: the change feed."""
-    q = select(api_keys.c.id, api_keys.c.digest, api_keys.c.previous_digest).where(
-        api_keys.c.updated_at >= since
-    )
+Change = tuple[int, str, str | None, dt.datetime]
+
+
+def changed_since(engine: Engine, since: dt.datetime) -> list[Change]:
+    """``(id, digest, previous digest, updated_at)`` of every key changed since ``since``: the
+    change feed."""
+    q = select(
+        api_keys.c.id, api_keys.c.digest, api_keys.c.previous_digest, api_keys.c.updated_at
+    ).where(api_keys.c.updated_at >= since)
     with engine.connect() as conn:
-        return [(r[0], r[1], r[2]) for r in conn.execute(q)]
+        return [(r[0], r[1], r[2], r[3]) for r in conn.execute(q)]
 
 
 def digests_changed_since(engine: Engine, since: dt.datetime) -> list[str]:
     out: list[str] = []
-    for _, d, prev in changed_since(engine, since):
+    for _, d, prev, _ in changed_since(engine, since):
         out.append(d)
         if prev is not None:
             out.append(prev)

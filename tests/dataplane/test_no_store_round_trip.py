@@ -214,11 +214,9 @@ async def test_with_the_writer_and_poll_running_every_statement_is_theirs(live: 
         seen.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "auth/authn.py: every key poll re-reads the last 2 s of changes (its overlap window) and "
-    "evicts those keys again, so a key changed once is looked up on the request path after "
-    "each poll for ~2 s: 11 lookups measured at revocation_poll_s 0.2 (about 3 at the default "
-    "1 s), where one (or none, for a key loaded already) would do"))
+# Found by this file: every key poll re-read the last 2 s of changes (its overlap window) and
+# evicted those keys again, so a key changed once was looked up on the request path after each
+# poll for ~2 s (11 lookups at revocation_poll_s 0.2). Now each change evicts once.
 async def test_a_changed_key_is_looked_up_on_the_request_path_at_most_once(
     live: GW, monkeypatch: pytest.MonkeyPatch
 ) -> None:

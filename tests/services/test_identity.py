@@ -228,7 +228,7 @@ def test_changes_bump_the_keys_they_affect(ctx, engine):
     ):
         since = repo.utcnow()
         change()
-        assert {i for i, _, _ in repo.changed_since(engine, since)} == touched
+        assert {i for i, *_ in repo.changed_since(engine, since)} == touched
 
 
 # -- who may do what --------------------------------------------------------------------------
