@@ -9,7 +9,8 @@ Two stacks, each in front of one ``fleetgate sim``:
 What a user relies on, seen through the official ``openai`` client: a group's 10 rpm lets
 exactly 10 requests through however they are spread over the gateways or workers (the rest are
 ``RateLimitError`` with the ``x-ratelimit-*`` headers); a revoked key and a disabled user are
-refused by every gateway within the revocation poll; a token quota spent on both gateways ends
+refused by every gateway and worker (waited for with a bound; about one 0.2 s poll when
+measured); a token quota spent on both gateways ends
 in ``insufficient_quota`` on both, and what it says is left is exact; a ``max_tokens`` cap is a
 400 on both; a concurrency slot held by a stream on one gateway refuses a request on the other
 until the stream ends, and the client's own retry (after ``Retry-After``) then gets through;
