@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from bench.procs import Proc, Procs, wait_http
+from bench.procs import Proc, Procs, wait_http, wait_listening
 from bench.upstream import MODEL
 from fleetgate.localnet import free_port
 
@@ -161,6 +161,9 @@ def start_fleetgate(procs: Procs, config: Path, key: str | None, *, name: str = 
     p = procs.start(name, argv)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", 60, p)
+    argv_extra = list(extra or [])
+    if "--workers" in argv_extra:
+        wait_listening(port, int(argv_extra[argv_extra.index("--workers") + 1]), 60)
     return Running(name, url, key, p)
 
 

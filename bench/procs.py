@@ -220,3 +220,24 @@ def wait_http(url: str, timeout_s: float, proc: Proc | None = None, ok: int = 20
         time.sleep(0.1)
     tail = proc.tail() if proc is not None else ""
     raise TimeoutError(f"{url} did not answer {ok} within {timeout_s:.0f} s ({last})\n{tail}")
+
+
+def sockets_on(port: int, state: str) -> set[int]:
+    """Inodes of the sockets on local ``port`` in TCP ``state`` (``01`` established, ``0A``
+    listening), from ``/proc/net/tcp``."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == state and int(f[1].split(":")[1], 16) == port:
+            out.add(int(f[9]))
+    return out
+
+
+def wait_listening(port: int, n: int, timeout_s: float) -> None:
+    """Until ``n`` sockets listen on ``port`` (``--workers N``: ``/ready`` answers as soon as the
+    first worker is up, and connections made before the others listen all land on it)."""
+    deadline = time.monotonic() + timeout_s
+    while len(sockets_on(port, "0A")) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{n} workers did not all listen on port {port} in {timeout_s} s")
+        time.sleep(0.05)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import paths, upstream
-from bench.procs import Procs, raise_nofile, tree, wait_http
+from bench.procs import Procs, raise_nofile, sockets_on, tree, wait_http
 from fleetgate.localnet import free_port
 
 
@@ -40,28 +40,10 @@ def socket_inodes(pid: int) -> set[int]:
     return out
 
 
-def sockets_on(port: int, state: str) -> set[int]:
-    """Inodes of the sockets on local ``port`` in TCP ``state`` (``01`` established, ``0A``
-    listening), from ``/proc/net/tcp``."""
-    out = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[3] == state and int(f[1].split(":")[1], 16) == port:
-            out.add(int(f[9]))
-    return out
-
-
 def one_round(procs: Procs, cfg: Path, key: str, workers: int, conns: int, rnd: int) -> list[int]:
     run = paths.start_fleetgate(procs, cfg, key, name=f"spread-{conns}-{rnd}",
                                 extra=["--workers", str(workers)])
     assert run.proc is not None
-    # /ready answers once one worker is up: wait until every worker listens, or the first
-    # connections all land on the first one.
-    deadline = time.monotonic() + 30
-    while len(sockets_on(run.port, "0A")) < workers:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{workers} workers did not all listen within 30 s")
-        time.sleep(0.05)
     kids = [p for p in tree(run.proc.pid) if p != run.proc.pid]
     body = upstream.REQUEST
     req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from bench import loadgen, paths, upstream, wrk
-from bench.procs import Procs, Sampler, raise_nofile, wait_http
+from bench.procs import Procs, Sampler, raise_nofile, wait_http, wait_listening
 from fleetgate.localnet import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +121,8 @@ def start(procs: Procs, tree: Path, cfg: Path, name: str, extra: list[str]) -> p
                            "serve", "--config", str(cfg), "--port", str(port), *extra], env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", 60, p)
+    if "--workers" in extra:
+        wait_listening(port, int(extra[extra.index("--workers") + 1]), 60)
     return paths.Running("fleetgate", url, None, p)
 
 
