@@ -15,6 +15,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import GW, settings_for, sim  # noqa: E402
 from leftovers import kill, mark_session, wait_for_none  # noqa: E402
 
+# One PostgreSQL server for the whole session (a fixture imported into several modules would be
+# one fixture, and one server, per module).
+from pg_server import postgres_url  # noqa: E402, F401, I001
+
 from fleetgate.app import create_app  # noqa: E402
 
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg_server import postgres_url  # noqa: F401  (a fixture)
 from sqlalchemy import Engine, text
 
 from fleetgate.store.db import migrate, open_engine

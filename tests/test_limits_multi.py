@@ -40,7 +40,6 @@ import openai
 import pytest
 from helpers import cli, free_port, gateway, new_key, sim, until
 from openai.types.chat import ChatCompletionMessageParam
-from pg_server import postgres_url  # noqa: F401  (a fixture)
 from redis_server import RedisServer, redis_server
 from sqlalchemy import text
 

@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
-from store_engines import engine, postgres_url  # noqa: F401  (fixtures: SQLite and PostgreSQL)
+from store_engines import engine  # noqa: F401  (a fixture: SQLite and PostgreSQL)
 
 from fleetgate import config
 from fleetgate.cli.main import cli
