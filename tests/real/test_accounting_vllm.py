@@ -1,8 +1,8 @@
 """Usage accounting against a real vLLM (CPU): the stored sums equal, to the token, what the
 engine reported, through the official ``openai`` client and a real ``fleetgate serve``.
 
-The gateway here is this module's own (its own store, users ``ada``, ``bob`` and ``cy``, their
-keys and an admin key) in front of the session's shared vLLM server, so the sums are this
+The gateway here is this module's own (its own store, users ``ada``, ``bob``, ``cy`` and ``dan``,
+their keys and an admin key) in front of the session's shared vLLM server, so the sums are this
 module's requests only.
 
 How each request's true usage is known, independently of the gateway's records:
@@ -20,15 +20,23 @@ How each request's true usage is known, independently of the gateway's records:
   stored completion tokens plus the witnesses', exactly. (Its prompt counter can't be used: a
   request with ``n=2`` prefills the prompt once per choice, while the API reports it once.)
 
-A client that leaves a stream mid-way gets a record marked ``disconnected`` whose completion
-count lies between what the client read and ``n * max_tokens``, and never above what the engine
-generated for it.
+A client that leaves a stream mid-way gets a record marked ``disconnected`` with the exact
+prompt count and a completion count between what the client read and ``n * max_tokens``, never
+above what the engine generated. One that leaves a non-streamed request is marked too.
+
+On this 2-core machine vLLM's CPU threads can keep the gateway's process off the CPU for up to
+a second (its event loop measured 0.4-1.1 s late during a stream, with 70 ms of its own CPU), so
+nothing here depends on how soon the gateway notices a client leave: tokens the engine generated
+after the last event the gateway read are not charged, by the issue's rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.real
 
 MODEL = "tiny-acct"
+TRIES = 6  # attempts at leaving a request before the gateway finishes it (see leave())
 USERS = ("ada", "bob")
 
 
@@ -75,12 +84,22 @@ def stack(vllm_server: VLLMServer, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     cli(cfg, "groups", "create", "lab", "--models", "*")
     keys = {}
-    for user in (*USERS, "cy"):
+    for user in (*USERS, "cy", "dan"):
         cli(cfg, "users", "create", user, "--group", "lab")
         keys[user] = new_key(cfg, f"{user}-1", "--user", user)
     keys["admin"] = new_key(cfg, "root", "--admin")
-    with gateway(cfg, free_port()) as url:
-        yield Stack(url, cfg, keys, vllm_server)
+    # vLLM's CPU threads spin: on two cores they can keep the gateway off the CPU for a second,
+    # long enough for a 400-token stream to end before the gateway sees its client leave. For
+    # this module vLLM yields to the gateway and the client (a deployment gives each its own
+    # cores); its own speed doesn't matter to accounting.
+    was = os.getpriority(os.PRIO_PGRP, vllm_server.pid)
+    os.setpriority(os.PRIO_PGRP, vllm_server.pid, max(was, 10))
+    try:
+        with gateway(cfg, free_port()) as url:
+            yield Stack(url, cfg, keys, vllm_server)
+    finally:
+        with contextlib.suppress(OSError):  # raising it back takes root; else it stays nice
+            os.setpriority(os.PRIO_PGRP, vllm_server.pid, was)
 
 
 # -- what the engine says, straight from vLLM -------------------------------------------------
@@ -273,7 +292,9 @@ def stored(cfg: Path, who: tuple[str, ...] = USERS) -> list[Seen]:
     finally:
         engine.dispose()
     for r in rows:
-        assert r.status == 200 and r.model == MODEL and r.user_id is not None, r
+        # A client that left before any answer has no status the gateway sent (it records 0).
+        answered = r.stream or not r.disconnected
+        assert r.model == MODEL and r.user_id is not None and (r.status == 200 or not answered), r
     return [Seen(r.name, r.endpoint, r.stream, r.prompt_tokens, r.completion_tokens,
                  r.disconnected) for r in rows]
 
@@ -288,6 +309,39 @@ def totals(seen: list[Seen], user: str) -> dict[str, int]:
 def report(rows: list[dict[str, Any]], by: str) -> dict[str, dict[str, int]]:
     fields = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "disconnected")
     return {r[by]: {f: r[f] for f in fields} for r in rows}
+
+
+@dataclass(frozen=True)
+class Left:
+    record: Seen  # the gateway's record of the stream the client left
+    prompt: int  # the prompt count a witness got from vLLM for the same body
+    read: int  # chunks the client read
+    usage: int  # completion tokens in the last usage the client saw (0 if none)
+    finished: list[Seen]  # tries that vLLM finished before the client could leave
+    witnessed: int  # tokens the witness generated
+
+
+def leave(c: openai.OpenAI, stack: Stack, call: Call, i: int, read: int) -> Left:
+    """Abandon ``call`` after ``read`` chunks until the gateway records a disconnect, in at most
+    ``TRIES`` tries: on a loaded machine the gateway can be kept off the CPU until the stream
+    has ended. A try that finished is checked as exactly as a completed
+    request: its prompt per the witness, its completion ``n * max_tokens`` (``ignore_eos``)."""
+    assert call.exact or call.stream not in CLIENT_SEES_USAGE
+    body = {**call.body(i), "max_tokens": 1}
+    path = "/chat/completions" if call.endpoint == "chat" else "/completions"
+    prompt, witnessed = witness(stack.vllm, path, body)
+    endpoint = "chat.completions" if call.endpoint == "chat" else "completions"
+    finished: list[Seen] = []
+    for _ in range(TRIES):
+        had = len(stored(stack.cfg, (call.user,)))
+        got, usage = abandon(c, call, i, read)
+        until(lambda had=had: len(stored(stack.cfg, (call.user,))) > had, 30, "the record")
+        (r,) = stored(stack.cfg, (call.user,))[had:]
+        if r.disconnected:
+            return Left(r, prompt, got, usage, finished, witnessed)
+        assert r == Seen(call.user, endpoint, True, prompt, call.n * call.max_tokens), r
+        finished.append(r)
+    raise AssertionError(f"vLLM finished {call} {TRIES} times before its client could leave")
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -319,36 +373,36 @@ def test_stored_usage_balances_to_the_token(stack: Stack) -> None:
         leaving = [Call("ada", "chat", "continuous", 400, exact=True),
                    Call("bob", "completions", "hidden", 400),
                    Call("bob", "chat", "false", 400)]
-        before = after
-        read = [abandon(clients[call.user], call, 100 + i, 3) for i, call in enumerate(leaving)]
-        until(lambda: len(stored(stack.cfg)) >= len(CALLS) + len(leaving), 30,
-              "the disconnects' records")
+        left = [leave(clients[call.user], stack, call, 100 + i, 3)
+                for i, call in enumerate(leaving)]
     finally:
         for c in clients.values():
             c.close()
+    finished = [f for lf in left for f in lf.finished]
+    gone = [lf.record for lf in left]
     rows = stored(stack.cfg)
-    assert len(rows) == len(CALLS) + len(leaving)
-    left = [r for r in rows if r.disconnected]
-    assert Counter(rows) - Counter(left) == Counter(seen)  # the completed ones, unchanged
-    # Each disconnect: marked, charged at least what its client read and at most max_tokens.
-    assert sorted((r.user, r.endpoint) for r in left) == sorted(
-        (c.user, "chat.completions" if c.endpoint == "chat" else "completions")
-        for c in leaving)
-    assert [got for got, _ in read] == [3, 3, 3]
-    assert read[0][1] > 0  # the continuous one saw usage on its chunks
-    for r in left:
-        assert r.stream and r.prompt > 0
-        assert 3 <= r.completion <= 400, (r, read)
-    # Ada's, streamed with continuous usage: at least the engine's count its client last saw.
-    (ada,) = [r for r in left if r.user == "ada"]
-    assert ada.completion >= read[0][1], (ada, read)
-    # ... and never more than the engine generated for them.
-    generated = settled_total(stack.vllm) - before
-    assert sum(r.completion for r in left) <= generated, (left, generated)
+    assert Counter(rows) == Counter(seen + finished + gone)
+    for call, lf in zip(leaving, left, strict=True):
+        # Marked, its prompt exact, charged at least what its client read, at most max_tokens.
+        r = lf.record
+        assert r.disconnected and r.stream and lf.read == 3
+        assert r.prompt == lf.prompt
+        assert lf.read <= r.completion <= call.n * call.max_tokens, (r, lf.read)
+        # Streamed with continuous usage: at least the engine's count its client last saw.
+        assert (call.stream == "continuous") == (lf.usage > 0)
+        assert r.completion >= lf.usage, (r, lf.usage)
+    # ... and never more than the engine generated.
+    generated = settled_total(stack.vllm) - after
+    charged = sum(r.completion for r in finished + gone)
+    assert charged <= generated - sum(lf.witnessed for lf in left), (left, generated)
 
-    # The reports: CLI by user and by key, and the admin API, balance to the same token.
-    want = {u: totals(seen + left, u) for u in USERS}
-    assert {u: want[u]["requests"] for u in USERS} == Counter(c.user for c in CALLS + leaving)
+    # The reports: CLI by user and by key, and the admin API, balance to the same token, and
+    # count every request sent.
+    want = {u: totals(seen + finished + gone, u) for u in USERS}
+    sent = Counter(c.user for c in CALLS)
+    for lf in left:
+        sent[lf.record.user] += 1 + len(lf.finished)
+    assert {u: want[u]["requests"] for u in USERS} == sent
     by_user = report(json.loads(cli(stack.cfg, "usage", "--by", "user", "--format", "json")),
                      "user")
     assert {u: by_user[u] for u in USERS} == want
@@ -368,22 +422,43 @@ def test_stored_usage_balances_to_the_token(stack: Stack) -> None:
 
 @pytest.mark.xfail(strict=True, reason=(
     "vLLM's continuous usage stats count one choice per chunk (previous_num_tokens[i]) and the "
-    "usage tap keeps the last usage seen, so a disconnected n=2 stream is charged about half"))
+    "usage tap keeps the last usage seen, so a disconnected n=2 stream is charged for one choice"))
 def test_a_disconnected_n2_stream_is_charged_for_every_choice(stack: Stack) -> None:
     c = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.keys["cy"], max_retries=0,
                       timeout=120)
     try:
-        before = settled_total(stack.vllm)
-        # 100 chunks read across both choices, of 2 x 400 tokens (about 2 s of generation).
-        read, _ = abandon(c, Call("cy", "chat", "usage", 400, n=2, exact=True), 200, 100)
+        # 500 chunks read of 2 x 400 (about 2 s of generation), then the client leaves.
+        lf = leave(c, stack, Call("cy", "chat", "usage", 400, n=2, exact=True), 200, 500)
     finally:
         c.close()
-    until(lambda: bool(stored(stack.cfg, ("cy",))), 30, "cy's record")
-    (r,) = stored(stack.cfg, ("cy",))
-    generated = settled_total(stack.vllm) - before
-    assert r.disconnected and read == 100
-    assert read <= r.completion <= generated <= 800, (r, generated)
-    # What the engine generated after the gateway's last read and before its abort is all that
-    # may go uncharged: a step or two (the n=1 disconnects above measured 0). The bug charges
-    # one choice's count of two: about half.
-    assert generated - r.completion <= generated // 4, (r, generated)
+    r = lf.record
+    assert r.prompt == lf.prompt and lf.read == 500
+    # One choice holds at most max_tokens (400) tokens, and the client read 500: only a count
+    # over both choices can cover what was relayed, however late the gateway noticed.
+    assert lf.read <= r.completion <= 800, (r, lf.read)
+
+
+def test_a_client_that_leaves_a_non_streamed_request_is_marked(stack: Stack) -> None:
+    # No usage was seen and nothing was relayed, so the record charges no tokens (the issue's
+    # rule for a disconnect: the usage last seen, or the tokens relayed), though the engine
+    # generated some before the gateway closed the upstream request.
+    body = json.dumps({**Call("dan", "chat", "no", 450, exact=True).body(300), "model": MODEL})
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {stack.keys['dan']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    port = int(stack.url.rsplit(":", 1)[1])
+    for _ in range(TRIES):
+        before = settled_total(stack.vllm)
+        had = len(stored(stack.cfg, ("dan",)))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall((head + body).encode())
+            time.sleep(0.3)  # then the client leaves, its answer (2 s of generation) unread
+        until(lambda had=had: len(stored(stack.cfg, ("dan",))) > had, 30, "dan's record")
+        (r,) = stored(stack.cfg, ("dan",))[had:]
+        if r.disconnected:
+            break
+        assert r.completion == 450, r  # the gateway was kept off the CPU: it finished first
+    else:
+        raise AssertionError(f"vLLM answered {TRIES} times before the gateway saw dan leave")
+    assert not r.stream and r.prompt == 0 and r.completion == 0, r
+    assert settled_total(stack.vllm) - before > 0
