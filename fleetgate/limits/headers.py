@@ -87,14 +87,28 @@ def encode(headers: dict[str, str]) -> RawHeaders:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
+_CAPACITY_TEXT: dict[int, bytes] = {}
+
+
 def bucket_headers(out: RawHeaders, kind: bytes, capacity: int, level: float) -> None:
     """Append one bucket's three headers (``kind``: ``b"requests"`` or ``b"tokens"``) to ``out``,
     already encoded: what :func:`rate_headers` writes for ``RateView.of(capacity, level)``, built
     once per admitted request without the intermediate objects."""
     lim, rem, reset = _NAMES[kind]
-    out.append((lim, b"%d" % capacity))
+    cap = _CAPACITY_TEXT.get(capacity)
+    if cap is None:
+        cap = b"%d" % capacity
+        if len(_CAPACITY_TEXT) < 1024:
+            _CAPACITY_TEXT[capacity] = cap
+    out.append((lim, cap))
     out.append((rem, b"%d" % (math.floor(level) if level > 0 else 0)))
-    out.append((reset, format_duration(until_full_s(level, capacity)).encode()))
+    # until_full_s and format_duration, inlined for the usual case (a reset under a second).
+    seconds = (capacity - level) * 60.0 / capacity
+    ms = math.ceil(round(seconds * 1000, 6)) if seconds > 0 else 0
+    if 0 < ms < 1000:
+        out.append((reset, b"%dms" % ms))
+    else:
+        out.append((reset, format_duration(max(0.0, seconds)).encode()))
 
 
 def retry_after(seconds: float) -> dict[str, str]:
