@@ -13,7 +13,7 @@ How each request's true usage is known, independently of the gateway's records:
   which vLLM and the gateway both read as false): the gateway hides the usage it asked vLLM for,
   so the client can't see it. These requests carry vLLM's ``ignore_eos``, so every choice runs
   to ``max_tokens`` (the client checks each one ended ``length``): the completion is exactly
-  ``n * max_tokens``. The prompt count comes from a *witness*: the same body sent straight to
+  ``max_tokens`` per choice (``n`` per prompt). The prompt count comes from a *witness*: the same body sent straight to
   vLLM, not streamed, whose ``usage`` is vLLM's own tokenizer count of the same prompt;
 - across all of it, vLLM's own counter ``vllm:generation_tokens_total`` (its ``/metrics``),
   which the gateway never touches: its increase over the completed requests must equal the
@@ -21,7 +21,7 @@ How each request's true usage is known, independently of the gateway's records:
   request with ``n=2`` prefills the prompt once per choice, while the API reports it once.)
 
 A client that leaves a stream mid-way gets a record marked ``disconnected`` with the exact
-prompt count and a completion count between what the client read and ``n * max_tokens``, never
+prompt count and a completion count between what the client read and ``max_tokens``, never
 above what the engine generated. One that leaves a non-streamed request is marked too.
 
 On this 2-core machine vLLM's CPU threads can keep the gateway's process off the CPU for up to
@@ -156,14 +156,23 @@ class Call:
     max_tokens: int
     n: int = 1
     exact: bool = False  # vLLM's ignore_eos: every choice runs to max_tokens
+    prompts: int = 1  # completions: a list of this many prompts, n choices each
+    new_name: bool = False  # chat: max_completion_tokens rather than max_tokens
+
+    @property
+    def choices(self) -> int:
+        return self.n * self.prompts
 
     def body(self, i: int) -> dict[str, Any]:
         """The request body (model aside), the same for the gateway and a witness."""
-        doc: dict[str, Any] = {"max_tokens": self.max_tokens, "n": self.n}
+        limit = "max_completion_tokens" if self.new_name else "max_tokens"
+        doc: dict[str, Any] = {limit: self.max_tokens, "n": self.n}
         if self.endpoint == "chat":
             doc["messages"] = [{"role": "user", "content": f"Tell the fleet story number {i}."}]
         else:
-            doc["prompt"] = "Once upon a time, " * (1 + i % 3) + f"story {i}:"
+            texts = ["Once upon a time, " * (1 + (i + k) % 3) + f"story {i}.{k}:"
+                     for k in range(self.prompts)]
+            doc["prompt"] = texts[0] if self.prompts == 1 else texts
         if self.stream != "no":
             doc["stream"] = True
         if self.stream in ("usage", "continuous"):
@@ -189,12 +198,15 @@ CALLS = [
     Call("bob", "completions", "no", 12),
     Call("ada", "completions", "hidden", 11),
     Call("bob", "chat", "usage", 16, n=2),
+    Call("bob", "completions", "hidden", 5, n=2, prompts=2),
+    Call("ada", "completions", "usage", 7, prompts=3),
+    Call("bob", "chat", "no", 9, new_name=True),
 ]
 
 
 def create(c: openai.OpenAI, endpoint: str, body: dict[str, Any]) -> Any:
     """Send ``body`` with the official client; what the client does, not what it types."""
-    known = ("messages", "prompt", "max_tokens", "n", "stream")
+    known = ("messages", "prompt", "max_tokens", "max_completion_tokens", "n", "stream")
     kw = {k: v for k, v in body.items() if k in known}
     extra = {k: v for k, v in body.items() if k not in known}
     if endpoint == "chat":
@@ -228,12 +240,12 @@ def run_call(c: openai.OpenAI, vllm: VLLMServer, call: Call, i: int) -> tuple[Se
     endpoint = "chat.completions" if call.endpoint == "chat" else "completions"
     if call.stream == "no":
         r = create(c, call.endpoint, body)
-        assert r.usage is not None and len(r.choices) == call.n
+        assert r.usage is not None and len(r.choices) == call.choices
         return Seen(call.user, endpoint, False, r.usage.prompt_tokens,
                     r.usage.completion_tokens), 0
     chunks = list(create(c, call.endpoint, body))
     finish = {i: f for ch in chunks for i, _, f in content_of(ch) if f is not None}
-    assert sorted(finish) == list(range(call.n)), f"every choice ends: {finish}"
+    assert sorted(finish) == list(range(call.choices)), f"every choice ends: {finish}"
     if call.stream in CLIENT_SEES_USAGE:
         # The last chunk is the usage-only one; with continuous stats every chunk carries usage
         # too, but only the last one covers every choice.
@@ -246,8 +258,8 @@ def run_call(c: openai.OpenAI, vllm: VLLMServer, call: Call, i: int) -> tuple[Se
     assert all(ch.usage is None for ch in chunks)
     assert set(finish.values()) == {"length"}, finish  # ignore_eos: each choice ran to max
     prompt, w_completion = witness(vllm, path, body)
-    assert w_completion == call.n * call.max_tokens
-    return Seen(call.user, endpoint, True, prompt, call.n * call.max_tokens), w_completion
+    assert w_completion == call.choices * call.max_tokens
+    return Seen(call.user, endpoint, True, prompt, call.choices * call.max_tokens), w_completion
 
 
 def abandon(c: openai.OpenAI, call: Call, i: int, read: int) -> tuple[int, int]:
@@ -339,7 +351,7 @@ def leave(c: openai.OpenAI, stack: Stack, call: Call, i: int, read: int) -> Left
         (r,) = stored(stack.cfg, (call.user,))[had:]
         if r.disconnected:
             return Left(r, prompt, got, usage, finished, witnessed)
-        assert r == Seen(call.user, endpoint, True, prompt, call.n * call.max_tokens), r
+        assert r == Seen(call.user, endpoint, True, prompt, call.choices * call.max_tokens), r
         finished.append(r)
     raise AssertionError(f"vLLM finished {call} {TRIES} times before its client could leave")
 
