@@ -3,10 +3,13 @@
 A non-streamed body is searched for its ``usage`` object. A stream is handled one batch of
 complete SSE events at a time, mostly as bytes:
 
-- the *last* ``usage`` object seen is kept as raw bytes (found with ``rfind``, not a JSON parse)
+- the *last* ``usage`` object seen is kept as raw bytes (found with ``find``, not a JSON parse)
   and parsed once, lazily, when the counts are read. With vLLM's
   ``stream_options.continuous_usage_stats`` every chunk carries usage, so a client that reads 20
-  of 30 tokens and leaves is still billed for what the engine produced;
+  of 30 tokens and leaves is still billed for what the engine produced. A chunk's usage counts
+  only its own choice (``n`` > 1, or a list of prompts: vLLM's ``previous_num_tokens[i]``), so
+  the last usage of each choice index is kept too, and until the final usage event (which sums
+  them) the completion tokens are their sum;
 - when no usage came at all, the content events relayed are counted as completion tokens (one
   event is one token in vLLM's and the simulator's streams), so a stream is never free;
 - when the gateway itself asked for usage (the client didn't), the usage-only event
@@ -50,6 +53,21 @@ def _count_content(data: bytes) -> int:
     return n
 
 
+def _choice_index(ev: bytes, choices_at: int, end: int) -> int | None:
+    """The ``index`` of the (first) choice in a chunk's ``"choices"`` array, or None. Text
+    can't fake the mark: inside a JSON string a quote is escaped."""
+    k = ev.find(b'"index":', choices_at, end)
+    if k < 0:
+        return None
+    k += 8
+    while k < end and ev[k] == 0x20:
+        k += 1
+    stop = k
+    while stop < end and 0x30 <= ev[stop] <= 0x39:
+        stop += 1
+    return int(ev[k:stop]) if stop > k else None
+
+
 class Rewrite(NamedTuple):
     """The served-name rewrite: ``"model"`` set to the upstream name, however spaced."""
 
@@ -91,7 +109,7 @@ class UsageTap:
     __slots__ = (
         *("hide_usage_event", "strip_chunk_usage", "rewrite", "done", "disconnected"),
         "first_byte_at",
-        *("content_events", "_usage_raw", "_prompt", "_completion", "_parsed"),
+        *("content_events", "_usage_raw", "_prompt", "_completion", "_parsed", "_per_choice"),
     )
 
     def __init__(
@@ -113,6 +131,9 @@ class UsageTap:
         #: Events relayed that carried generated text: the fallback count.
         self.content_events = 0
         self._usage_raw: bytes | None = None
+        # choice index -> its last usage (per-chunk usage counts one choice); None once a usage
+        # for the whole response (the final event) is the last one seen.
+        self._per_choice: dict[int, bytes] | None = None
         self._prompt = 0
         self._completion = 0
         self._parsed = True
@@ -128,6 +149,27 @@ class UsageTap:
         except orjson.JSONDecodeError:
             return
         self._take(usage)
+        if self._per_choice is not None and len(self._per_choice) > 1:
+            total = 0
+            for raw in self._per_choice.values():
+                try:
+                    c = orjson.loads(raw).get("completion_tokens")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(c, int) and not isinstance(c, bool) and c >= 0:
+                    total += c
+            self._completion = total
+
+    def _note(self, raw: bytes, choice: int | None) -> None:
+        """A usage object seen: for one choice (``choice``), or for the whole response."""
+        self._usage_raw = raw
+        self._parsed = False
+        if choice is None:
+            self._per_choice = None
+        else:
+            if self._per_choice is None:
+                self._per_choice = {}
+            self._per_choice[choice] = raw
 
     def _take(self, usage: object) -> None:
         if isinstance(usage, dict):
@@ -199,20 +241,18 @@ class UsageTap:
         return self.apply_rewrite(chunk)
 
     def _last_usage(self, chunk: bytes) -> None:
-        """Note the last usage in ``chunk``: events are tried from the end until one has it."""
-        pos = len(chunk)
-        while pos > 0:
-            i = chunk.rfind(_USAGE, 0, pos)
+        """Note every usage in ``chunk``, in order (each choice's last one counts)."""
+        pos = 0
+        while True:
+            i = chunk.find(_USAGE, pos)
             if i < 0:
                 return
             start = chunk.rfind(b"\n\n", 0, i)
             start = 0 if start < 0 else start + 2
             end = chunk.find(b"\n\n", i)
-            before = self._usage_raw
-            self._event(chunk[start : len(chunk) if end < 0 else end])
-            if self._usage_raw is not before:
-                return
-            pos = start
+            end = len(chunk) if end < 0 else end
+            self._event(chunk[start:end])
+            pos = end
 
     def _usage_at(self, ev: bytes, start: int) -> bytes | None:
         """The usage object's bytes when ``ev[start:]`` is ``,"usage":{...}}`` closing the event."""
@@ -233,13 +273,13 @@ class UsageTap:
         start = ev.rfind(b",", 0, i)
         raw = self._usage_at(ev, start) if start >= 0 else None
         if raw is not None:
+            j = ev.rfind(b'"choices"', 0, start)  # escaped text can't match: it has \"
+            final = j < 0 or _EMPTY_CHOICES.match(ev, j) is not None
             if raw != b"null":
-                self._usage_raw = raw
-                self._parsed = False
+                self._note(raw, None if final else _choice_index(ev, j, start))
             if not (self.hide_usage_event or self.strip_chunk_usage):
                 return ev
-            j = ev.rfind(b'"choices"', 0, start)  # escaped text can't match: it has \"
-            if j >= 0 and _EMPTY_CHOICES.match(ev, j) is not None:
+            if j >= 0 and final:
                 return b"" if self.hide_usage_event else ev
             if self.strip_chunk_usage:
                 return ev[:start] + b"}"
@@ -257,8 +297,11 @@ class UsageTap:
             return ev
         usage = obj.get("usage")
         if usage is not None:
-            self._usage_raw = orjson.dumps(usage)
-            self._parsed = False
+            choices = obj.get("choices")
+            first = choices[0] if isinstance(choices, list) and choices else None
+            index = first.get("index") if isinstance(first, dict) else None
+            self._note(orjson.dumps(usage),
+                       index if isinstance(index, int) and not isinstance(index, bool) else None)
         if obj.get("choices") == [] and self.hide_usage_event:
             return b""
         if self.strip_chunk_usage and obj.get("choices") != []:

@@ -97,3 +97,41 @@ def test_usage_in_an_unusual_layout_is_still_read_and_hidden():
     t = UsageTap(hide_usage_event=True, rewrite=None)
     assert t.events(ev + DONE) == DONE
     assert (t.prompt_tokens, t.completion_tokens) == (2, 9)
+
+
+def _choice_token(index: int, done: int, spaced: bool = False) -> bytes:
+    """A chunk of choice ``index`` as vLLM writes it with continuous usage stats: its usage counts
+    that choice only (``previous_num_tokens[index]``)."""
+    sep = ": " if spaced else ":"
+    return (
+        f'data: {{"id":"x","choices":[{{"index"{sep}{index},"delta":{{"content":"t"}}}}],'
+        f'"usage":{{"prompt_tokens":4,"completion_tokens":{done},"total_tokens":{done + 4}}}}}\n\n'
+    ).encode()
+
+
+def test_a_left_n2_stream_is_charged_for_what_every_choice_produced():
+    # Interleaved as vLLM sends them: choice 0 reaches 3 tokens, choice 1 reaches 2; one batch
+    # or one event at a time, hidden or not, the charge is 3 + 2 (not the last chunk's 2).
+    chunks = [_choice_token(0, 1), _choice_token(1, 1), _choice_token(0, 2),
+              _choice_token(1, 2, spaced=True), _choice_token(0, 3)]
+    for hide in (False, True):
+        for batched in (False, True):
+            t = UsageTap(hide_usage_event=hide, rewrite=None)
+            for c in [b"".join(chunks)] if batched else chunks:
+                t.events(c)
+            assert (t.prompt_tokens, t.completion_tokens) == (4, 5), (hide, batched)
+
+
+def test_the_final_usage_event_is_the_whole_responses_and_wins():
+    t = UsageTap(hide_usage_event=True, rewrite=None)
+    t.events(_choice_token(0, 3) + _choice_token(1, 2) + USAGE_EV + DONE)
+    assert (t.prompt_tokens, t.completion_tokens) == (3, 7)  # USAGE_EV's, not 3 + 2
+
+
+def test_per_choice_usage_in_an_unusual_layout_is_summed_too():
+    evs = [b'data: {"usage": {"prompt_tokens": 4, "completion_tokens": %d}, "choices": '
+           b'[{"index": %d, "delta": {}}]}\n\n' % (c, i) for i, c in ((0, 6), (1, 4))]
+    t = UsageTap(hide_usage_event=True, rewrite=None)
+    for ev in evs:
+        t.events(ev)
+    assert t.completion_tokens == 10
