@@ -268,7 +268,14 @@ class Pipeline:
             if slot is not None:
                 slot.release()
             grant.settle(tap.prompt_tokens, tap.completion_tokens)
+            if status == 0 and gone.gone:
+                status = CLIENT_CLOSED  # left before the model's server answered
             self.account(principal, route, endpoint, status, req.stream, tap, started, gone)
+
+
+CLIENT_CLOSED = 499
+"""The status recorded for a client that left before any answer (nginx's "client closed
+request"); nothing is sent."""
 
 
 class _WithHeaders:

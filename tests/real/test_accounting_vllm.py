@@ -304,9 +304,10 @@ def stored(cfg: Path, who: tuple[str, ...] = USERS) -> list[Seen]:
     finally:
         engine.dispose()
     for r in rows:
-        # A client that left before any answer has no status the gateway sent (it records 0).
+        # A client that left before any answer is recorded as 499 (client closed request).
         answered = r.stream or not r.disconnected
-        assert r.model == MODEL and r.user_id is not None and (r.status == 200 or not answered), r
+        assert r.model == MODEL and r.user_id is not None, r
+        assert r.status == (200 if answered else 499), r
     return [Seen(r.name, r.endpoint, r.stream, r.prompt_tokens, r.completion_tokens,
                  r.disconnected) for r in rows]
 
