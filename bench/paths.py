@@ -9,6 +9,8 @@ Every path has a name (``--paths``), a label the report prints, and a line sayin
   ``limits.backend: memory``;
 - ``fleetgate-nolimits``: the same with a plain key (no user, no limits), so the cost of limits
   shows in the same run;
+- ``fleetgate-nolimits-workers``: a plain key, ``--workers N``: issue 4's set-up (keys and
+  accounting, no limits), for its bar;
 - ``fleetgate-redis``: the bar set-up, one process, limits counted in Redis;
 - ``fleetgate-workers``: the bar set-up, ``--workers N`` (N = cores by default), limits in
   Redis (``--workers`` above 1 is refused with the memory backend when limits exist).
@@ -62,6 +64,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          "on the user, usage accounting on, limits.backend memory", limits="issue"),
     Spec("fleetgate-nolimits", "FleetGate 1 worker, no limits",
          "`fleetgate serve`, 1 process; a plain key (no user, no limits), usage accounting on"),
+    Spec("fleetgate-nolimits-workers", "FleetGate {n} workers, no limits",
+         "`fleetgate serve --workers {n}`; a plain key, usage accounting on (issue 4's set-up)",
+         many=True),
     Spec("fleetgate-redis", "FleetGate 1 worker, limits (Redis)",
          "as `fleetgate`, limits.backend redis", limits="issue", redis=True),
     Spec("fleetgate-workers", "FleetGate {n} workers, limits (Redis)",
