@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fleetgate.api.asgi import Receive, Scope, Send, read_body
+from fleetgate.api.asgi import RAW_HEAD, Receive, Scope, Send, read_body
 from fleetgate.auth.authn import Authenticator
 from fleetgate.auth.principals import Principal
 from fleetgate.dataplane import request as reqmod
@@ -207,8 +207,11 @@ class Pipeline:
         up = reqmod.upstream_body(raw, req, route.upstream_name, priority)
         grant = await self.admit(principal, route, req)
         # From here on the grant is settled however the request ends.
-        if grant.raw_headers:
-            send = _WithHeaders(send, grant.raw_headers)
+        if grant.head:
+            if RAW_HEAD in scope.get("extensions", ()):
+                send = _WithHead(send, grant.head)
+            else:
+                send = _WithHeaders(send, grant.raw_headers)
         gone = ClientGone()
         watch = DisconnectWatch(receive, gone)
         tap = UsageTap(
@@ -276,6 +279,21 @@ class Pipeline:
 CLIENT_CLOSED = 499
 """The status recorded for a client that left before any answer (nginx's "client closed
 request"); nothing is sent."""
+
+
+class _WithHead:
+    """``send`` that adds header lines to the response head (the server's ``RAW_HEAD``)."""
+
+    __slots__ = ("send", "head")
+
+    def __init__(self, send: Send, head: bytes) -> None:
+        self.send = send
+        self.head = head
+
+    async def __call__(self, msg: Any) -> None:
+        if msg["type"] == "http.response.start":
+            msg = {**msg, RAW_HEAD: self.head}
+        await self.send(msg)
 
 
 class _WithHeaders:

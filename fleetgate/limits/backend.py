@@ -31,6 +31,7 @@ from fleetgate.limits.buckets import DEFAULT_MAX_TOKENS, admission_cost
 from fleetgate.limits.headers import (
     RateView,
     RawHeaders,
+    head_pairs,
     most_restrictive,
     rate_headers,
     retry_after,
@@ -43,16 +44,21 @@ Failure = Literal["", "rpm", "tpm", "concurrency", "quota"]
 class Grant:
     """An admitted request's claim on the counters; settled exactly once.
 
-    ``raw_headers`` are the rate-limit headers for the response, already encoded (the request
-    path adds them as they are); ``headers`` is the same as a dict of text.
+    ``head`` holds the rate-limit headers for the response as header lines, built once (the
+    request path adds them as they are); ``raw_headers`` and ``headers`` are the same as
+    ``(name, value)`` pairs and as a dict of text.
     """
 
-    __slots__ = ("raw_headers", "cost", "_settled")
+    __slots__ = ("head", "cost", "_settled")
 
-    def __init__(self, raw_headers: RawHeaders, cost: int) -> None:
-        self.raw_headers = raw_headers
+    def __init__(self, head: bytes, cost: int) -> None:
+        self.head = head
         self.cost = cost
         self._settled = False
+
+    @property
+    def raw_headers(self) -> RawHeaders:
+        return head_pairs(self.head)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -72,7 +78,7 @@ class Grant:
         return self._settled
 
 
-NO_LIMITS = Grant([], 0)
+NO_LIMITS = Grant(b"", 0)
 """What a request with no counters gets (also what fail-open grants): settling it does nothing."""
 
 

@@ -75,40 +75,43 @@ def rate_headers(requests: RateView | None, tokens: RateView | None) -> dict[str
 
 RawHeaders = list[tuple[bytes, bytes]]
 
-_NAMES = {
-    kind: (b"x-ratelimit-limit-" + kind, b"x-ratelimit-remaining-" + kind,
-           b"x-ratelimit-reset-" + kind)
-    for kind in (b"requests", b"tokens")
-}
-
-
 def encode(headers: dict[str, str]) -> RawHeaders:
     """Headers as the server writes them."""
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
-_CAPACITY_TEXT: dict[int, bytes] = {}
+_TEMPLATES = {
+    kind: b"x-ratelimit-limit-%b: %%d\r\nx-ratelimit-remaining-%b: %%d\r\n"
+          b"x-ratelimit-reset-%b: %%b\r\n" % (kind, kind, kind)
+    for kind in (b"requests", b"tokens")
+}
 
 
-def bucket_headers(out: RawHeaders, kind: bytes, capacity: int, level: float) -> None:
-    """Append one bucket's three headers (``kind``: ``b"requests"`` or ``b"tokens"``) to ``out``,
-    already encoded: what :func:`rate_headers` writes for ``RateView.of(capacity, level)``, built
-    once per admitted request without the intermediate objects."""
-    lim, rem, reset = _NAMES[kind]
-    cap = _CAPACITY_TEXT.get(capacity)
-    if cap is None:
-        cap = b"%d" % capacity
-        if len(_CAPACITY_TEXT) < 1024:
-            _CAPACITY_TEXT[capacity] = cap
-    out.append((lim, cap))
-    out.append((rem, b"%d" % (math.floor(level) if level > 0 else 0)))
+def bucket_head(kind: bytes, capacity: int, level: float) -> bytes:
+    """One bucket's three headers (``kind``: ``b"requests"`` or ``b"tokens"``) as header lines,
+    one format per bucket: what :func:`rate_headers` writes for ``RateView.of(capacity, level)``,
+    built on every admitted request without the intermediate objects."""
+    remaining = math.floor(level) if level > 0 else 0
     # until_full_s and format_duration, inlined for the usual case (a reset under a second).
     seconds = (capacity - level) * 60.0 / capacity
     ms = math.ceil(round(seconds * 1000, 6)) if seconds > 0 else 0
-    if 0 < ms < 1000:
-        out.append((reset, b"%dms" % ms))
-    else:
-        out.append((reset, format_duration(max(0.0, seconds)).encode()))
+    reset = b"%dms" % ms if 0 < ms < 1000 else format_duration(max(0.0, seconds)).encode()
+    return _TEMPLATES[kind] % (capacity, remaining, reset)
+
+
+def head_lines(headers: dict[str, str]) -> bytes:
+    """Headers as header lines (``name: value\r\n`` each)."""
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
+
+
+def head_pairs(head: bytes) -> RawHeaders:
+    """Header lines back as ``(name, value)`` pairs, for servers that take only those."""
+    out: RawHeaders = []
+    for line in head.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            out.append((name, value))
+    return out
 
 
 def retry_after(seconds: float) -> dict[str, str]:

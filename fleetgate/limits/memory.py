@@ -22,7 +22,7 @@ from collections.abc import Callable
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import Backend, Failure, Grant, Outcome, refusal
 from fleetgate.limits.buckets import settle_level, wait_s
-from fleetgate.limits.headers import RateView, RawHeaders, bucket_headers
+from fleetgate.limits.headers import RateView, bucket_head
 from fleetgate.limits.spec import Checks, Limits, Quota, Subject
 
 
@@ -51,14 +51,14 @@ class _MemoryGrant(Grant):
 
     def __init__(
         self,
-        headers: RawHeaders,
+        head: bytes,
         cost: int,
         tpm: list[tuple[_Cell, int]],
         conc: list[_Cell],
         quota: list[list[int]],
         clock: Callable[[], float],
     ) -> None:
-        super().__init__(headers, cost)
+        super().__init__(head, cost)
         self._tpm = tpm
         self._conc = conc
         self._quota = quota
@@ -196,9 +196,9 @@ class MemoryBackend(Backend):
                 conc.append(cell)
         for qc in used_cells:
             qc[0] += cost
-        headers: RawHeaders = []
+        head = b""
         if best_r is not None:
-            bucket_headers(headers, b"requests", best_r[1], best_r[0])
+            head = bucket_head(b"requests", best_r[1], best_r[0])
         if best_t is not None:
-            bucket_headers(headers, b"tokens", best_t[1], best_t[0])
-        return _MemoryGrant(headers, cost, tpm, conc, used_cells, self._clock)
+            head += bucket_head(b"tokens", best_t[1], best_t[0])
+        return _MemoryGrant(head, cost, tpm, conc, used_cells, self._clock)

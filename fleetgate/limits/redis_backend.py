@@ -37,7 +37,7 @@ from typing import Any
 from fleetgate.errors import LimitsUnavailable
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import NO_LIMITS, Backend, Failure, Grant, Outcome, refusal
-from fleetgate.limits.headers import RateView, RawHeaders, encode
+from fleetgate.limits.headers import RateView, head_lines
 from fleetgate.limits.redis_lua import ADMIT, SETTLE
 from fleetgate.limits.resp import Resp, RespError
 from fleetgate.limits.spec import Checks, Quota, Subject
@@ -56,7 +56,7 @@ class _RedisGrant(Grant):
 
     def __init__(
         self,
-        headers: RawHeaders,
+        head: bytes,
         cost: int,
         backend: RedisBackend,
         keys: list[str],
@@ -64,7 +64,7 @@ class _RedisGrant(Grant):
         nq: int,
         nc: int,
     ) -> None:
-        super().__init__(headers, cost)
+        super().__init__(head, cost)
         self._backend = backend
         self._keys = keys
         self._caps = caps
@@ -290,7 +290,7 @@ class RedisBackend(Backend):
             else:
                 out.failed, out.index = "concurrency", cidx[index - 1]
             raise refusal(out, checks, cost, wall)
-        headers = encode(Outcome("", 0, 0.0, reqs, toks).headers())
+        headers = head_lines(Outcome("", 0, 0.0, reqs, toks).headers())
         tkeys = [k for k, (_, kind, _) in zip(bkeys, buckets, strict=True) if kind == "tpm"]
         tcaps = [c for _, kind, c in buckets if kind == "tpm"]
         return _RedisGrant(

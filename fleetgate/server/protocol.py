@@ -36,6 +36,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from fleetgate.api.asgi import RAW_HEAD
 from fleetgate.errors import GatewayError
 from fleetgate.server import wire
 
@@ -46,6 +47,10 @@ log = logging.getLogger("fleetgate.server")
 access_log = logging.getLogger("fleetgate.access")
 
 ASGI_INFO = {"version": "3.0", "spec_version": "2.3"}
+# The ``fleetgate.raw_head`` extension (api/asgi.py): header lines the app built itself and vouches
+# for. The gateway's rate-limit headers change on every response; one block costs one format, six
+# pairs cost six checks.
+_EXTENSIONS: dict[str, dict[str, Any]] = {RAW_HEAD: {}}
 BODY_HIGH_WATER = 64 * 1024
 MAX_PIPELINED = 32
 LINGER_S = 2.0  # after a refusal, how long unread request bytes are drained before closing
@@ -164,11 +169,11 @@ class Cycle:
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
             self.started = True
-            self._start(msg["status"], msg.get("headers") or ())
+            self._start(msg["status"], msg.get("headers") or (), msg.get(RAW_HEAD))
         else:
             raise RuntimeError(f"unsupported ASGI message {kind!r}")
 
-    def _start(self, status: int, headers: Any) -> None:
+    def _start(self, status: int, headers: Any, raw: bytes | None = None) -> None:
         self.status = status
         proto = self.proto
         parts = [wire.status_line(status), proto.state.date.line]
@@ -185,6 +190,8 @@ class Cycle:
             elif lname == b"transfer-encoding":
                 continue  # and the framing
             parts += (name, b": ", value, b"\r\n")
+        if raw:
+            parts.append(raw)
         http11 = self.scope["http_version"] == "1.1"
         self.no_body = self.scope["method"] == "HEAD" or status in _NO_BODY_STATUS or status < 200
         self.length = length
@@ -400,6 +407,7 @@ class HttpProtocol(asyncio.Protocol):
             "raw_path": raw_path,
             "query_string": query,
             "headers": self.headers,
+            "extensions": _EXTENSIONS,
         }
         keep_alive = p.should_keep_alive() and version == "1.1"
         c = Cycle(self, scope, keep_alive, self.expect_100, self.loop.time())
