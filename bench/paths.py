@@ -7,8 +7,8 @@ Every path has a name (``--paths``), a label the report prints, and a line sayin
   group has an rpm/tpm limit and the user a token quota (set so high that nothing is refused,
   so what is measured is checking and settling them), usage accounting on, keys auth,
   ``limits.backend: memory``;
-- ``fleetgate-nolimits``: the same with a plain key (no user, no limits), so the cost of limits
-  shows in the same run;
+- ``fleetgate-nolimits``: the same user in the same group with no limit and no quota, so the
+  cost of limits (and only of limits) shows in the same run;
 - ``fleetgate-nolimits-workers``: a plain key, ``--workers N``: issue 4's set-up (keys and
   accounting, no limits), for its bar;
 - ``fleetgate-redis``: the bar set-up, one process, limits counted in Redis;
@@ -48,7 +48,7 @@ class Spec:
     name: str
     label: str  # the report's name for it
     how: str  # how it runs, one line ({n}: the worker count)
-    limits: str = "none"  # tree_ab.make_key's set-up: "none" or "issue"
+    limits: str = "none"  # tree_ab.make_key's set-up: "none", "user" or "issue"
     redis: bool = False  # limits.backend: redis
     many: bool = False  # N workers (--workers N / --num_workers N)
 
@@ -63,7 +63,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          "`fleetgate serve`, 1 process; key of a user in a group with rpm/tpm limits, a quota "
          "on the user, usage accounting on, limits.backend memory", limits="issue"),
     Spec("fleetgate-nolimits", "FleetGate 1 worker, no limits",
-         "`fleetgate serve`, 1 process; a plain key (no user, no limits), usage accounting on"),
+         "`fleetgate serve`, 1 process; the same user in the same group, with no limit and no "
+         "quota, usage accounting on", limits="user"),
     Spec("fleetgate-nolimits-workers", "FleetGate {n} workers, no limits",
          "`fleetgate serve --workers {n}`; a plain key, usage accounting on (issue 4's set-up)",
          many=True),

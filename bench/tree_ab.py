@@ -75,7 +75,7 @@ def fleetgate_cli(tree: Path, *args: str) -> str:
 # high enough that nothing is refused: what is measured is what checking and settling them costs.
 LIMITS = ("--rpm", "100000000", "--tpm", "1000000000000")
 QUOTA = ("--quota-tokens", "1000000000000000", "--quota-period", "month")
-LIMIT_SETS = ("none", "issue", "everywhere")
+LIMIT_SETS = ("none", "user", "issue", "everywhere")
 
 
 def make_key(tree: Path, cfg: Path, limits: str = "none") -> str:
@@ -83,10 +83,11 @@ def make_key(tree: Path, cfg: Path, limits: str = "none") -> str:
     if limits == "none":
         return fleetgate_cli(tree, "keys", "create", *c, "--name", "bench").strip().splitlines()[-1]
     more = limits == "everywhere"
-    fleetgate_cli(tree, "groups", "create", *c, "bench-group", "--models", "*", *LIMITS,
-                  *(QUOTA if more else ()))
+    some = limits != "user"  # "user": the same user in the same group, with no limit at all
+    fleetgate_cli(tree, "groups", "create", *c, "bench-group", "--models", "*",
+                  *(LIMITS if some else ()), *(QUOTA if more else ()))
     fleetgate_cli(tree, "users", "create", *c, "bench-user", "--group", "bench-group",
-                  *(LIMITS if more else ()), *QUOTA)
+                  *(LIMITS if more else ()), *(QUOTA if some else ()))
     out = fleetgate_cli(tree, "keys", "create", *c, "--name", "bench", "--user", "bench-user",
                         *(LIMITS if more else ()))
     return out.strip().splitlines()[-1]
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after-limits", action="store_true",
                     help="shorthand for --limits-after issue")
     ap.add_argument("--limits-before", choices=LIMIT_SETS, default="none",
-                    help="limits on before's key: none, issue (a user in a group with an rpm/tpm "
-                         "limit, a quota on the user: issue 9's bar set-up) or everywhere "
+                    help="limits on before's key: none (a plain key), user (a user in a group, "
+                         "no limits), issue (that user and group with an rpm/tpm limit on the "
+                         "group and a quota on the user: issue 9's bar set-up) or everywhere "
                          "(rpm/tpm on group, user and key, quotas on group and user)")
     ap.add_argument("--limits-after", choices=LIMIT_SETS, default="none",
                     help="limits on after's key (as --limits-before)")
