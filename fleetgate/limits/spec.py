@@ -75,6 +75,9 @@ class Subject(NamedTuple):
         return cls(kind, id)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
+        # A key's id means nothing to the person holding it; they know which key they sent.
+        if self.kind == "key":
+            return f"this API key (id {self.id})"
         return f"{self.kind} '{self.id}'"
 
 

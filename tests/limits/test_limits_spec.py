@@ -77,4 +77,4 @@ def test_bad_subject_kind() -> None:
     with pytest.raises(ValueError):
         Subject.of("team", "x")
     assert Subject.of("group", "x") == Subject("group", "x")
-    assert str(Subject("key", "7")) == "key '7'"
+    assert str(Subject("key", "7")) == "this API key (id 7)"
