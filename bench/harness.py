@@ -447,10 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         up, ng = "", None
         if a.scenarios & {1, 2, 5, 6}:
-            port = free_port()
-            ng = procs.start("nginx", upstream.nginx_argv(work / "nginx", port))
-            up = f"http://127.0.0.1:{port}"
-            wait_http(up + "/", 30, ng)
+            up, ng = paths.start_nginx(procs, work)
         if a.scenarios & {1, 2}:
             assert ng is not None
             s1_s2(a, procs, work, up, ng, res)

@@ -35,7 +35,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from bench.procs import Proc, Procs, wait_http, wait_listening
+from bench import upstream as upstream_mod
+from bench.procs import Proc, Procs, wait_http, wait_listening, wait_tcp
 from bench.upstream import MODEL
 from fleetgate.localnet import free_port
 
@@ -226,6 +227,15 @@ def start_litellm(procs: Procs, upstream: str, workdir: Path, workers: int = 1) 
 # -- Redis and the FleetGate variants ---------------------------------------------------------------
 
 
+def start_nginx(procs: Procs, workdir: Path, timeout_s: float = 30) -> tuple[str, Proc]:
+    """The fixed-answer upstream (Debian's nginx) on a free port: its URL and process."""
+    port = free_port()
+    proc = procs.start("nginx", upstream_mod.nginx_argv(workdir / "nginx", port))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/", timeout_s, proc)
+    return url, proc
+
+
 class Redis:
     """One ``redis-server`` for a run's Redis paths (Debian's, loopback, nothing on disk).
 
@@ -243,8 +253,6 @@ class Redis:
 
     def fresh_url(self) -> str:
         if self.proc is None:
-            from bench.tree_ab import wait_tcp
-
             self.port = free_port()
             self.proc = self.procs.start("redis", [
                 "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",

@@ -11,6 +11,7 @@ import contextlib
 import os
 import resource
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -241,3 +242,16 @@ def wait_listening(port: int, n: int, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{n} workers did not all listen on port {port} in {timeout_s} s")
         time.sleep(0.05)
+
+
+def wait_tcp(port: int, timeout_s: float) -> None:
+    """Until something accepts on ``127.0.0.1:port`` (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fg-ab-") as tmp, Procs(Path(tmp)) as procs:
         work = Path(tmp)
-        up_port = free_port()
-        procs.start("nginx", upstream.nginx_argv(work / "nginx", up_port))
-        up = f"http://127.0.0.1:{up_port}"
-        wait_http(up + "/", 20)
+        up, _ = paths.start_nginx(procs, work)
         cfg = paths.fleetgate_config(work, up)
         key = paths.create_key(cfg)
         script = wrk.lua_script(work / "ab.lua", url_path="/v1/chat/completions",

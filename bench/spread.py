@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import paths, upstream
-from bench.procs import Procs, raise_nofile, sockets_on, tree, wait_http
-from fleetgate.localnet import free_port
+from bench.procs import Procs, raise_nofile, sockets_on, tree
 
 
 def socket_inodes(pid: int) -> set[int]:
@@ -84,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fg-spread-") as tmp, Procs(Path(tmp)) as procs:
         work = Path(tmp)
-        up_port = free_port()
-        procs.start("nginx", upstream.nginx_argv(work / "nginx", up_port))
-        up = f"http://127.0.0.1:{up_port}"
-        wait_http(up + "/", 20)
+        up, _ = paths.start_nginx(procs, work)
         cfg = paths.fleetgate_config(work, up)
         key = paths.create_key(cfg)
         for conns in (int(c) for c in a.connections.split(",")):

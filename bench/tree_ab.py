@@ -93,21 +93,6 @@ def make_key(tree: Path, cfg: Path, limits: str = "none") -> str:
     return out.strip().splitlines()[-1]
 
 
-def wait_tcp(port: int, timeout_s: float) -> None:
-    """Until something accepts on ``127.0.0.1:port`` (bounded)."""
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def with_redis(cfg: Path, url: str) -> None:
     """Point a bench config's limits at Redis (``limits.backend: redis``)."""
     doc = yaml.safe_load(cfg.read_text())
@@ -165,23 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"before": a.before_args.split(), "after": a.after_args.split()}
         try:
             with Procs(work) as procs:
-                up_port = free_port()
-                procs.start("nginx", upstream.nginx_argv(work / "nginx", up_port))
-                up = f"http://127.0.0.1:{up_port}"
-                wait_http(up + "/", 20)
-                redis_url = None
-                if a.redis:
-                    r_port = free_port()
-                    procs.start("redis", ["redis-server", "--port", str(r_port), "--bind",
-                                          "127.0.0.1", "--save", "", "--appendonly", "no"])
-                    redis_url = f"redis://127.0.0.1:{r_port}/0"
-                    wait_tcp(r_port, 20)
+                up, _ = paths.start_nginx(procs, work)
+                redis = paths.Redis(procs) if a.redis else None
                 cfgs, keys = {}, {}
-                for i, (name, tree) in enumerate(trees.items()):
+                for name, tree in trees.items():
                     (work / name / "run").mkdir(exist_ok=True)
                     cfgs[name] = paths.fleetgate_config(work / name / "run", up)
-                    if redis_url is not None:  # each its own Redis database
-                        with_redis(cfgs[name], redis_url[:-1] + str(i))
+                    if redis is not None:  # each its own Redis database
+                        with_redis(cfgs[name], redis.fresh_url())
                     keys[name] = make_key(tree, cfgs[name], limit_sets[name])
                 direct = paths.Running("direct", up, None, None)
                 for rnd in range(a.rounds):
