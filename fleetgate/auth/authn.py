@@ -323,21 +323,19 @@ class Authenticator:
             raise
         # The window overlaps the last one, so a change comes again in the next polls: a cached
         # entry read at that change's version (or later) is current and stays, or every poll in
-        # the overlap would evict it again and its next request would read the store.
+        # the overlap would evict it again and its next request would read the store. An entry
+        # is found by its key id, so a rotation's old value (and an earlier one) goes too.
         if changed:
-            ids = set()
+            newest: dict[int | None, dt.datetime] = {}
             for key_id, d, prev, at in changed:
+                if key_id not in newest or at > newest[key_id]:
+                    newest[key_id] = at
                 for x in (d, prev):
                     if x is not None:
-                        e = self._cache.get(x)
-                        if e is not None and e.version is not None and e.version >= at:
-                            continue
-                        ids.add(key_id)
-                        self._cache.pop(x, None)
                         self._negative.pop(x, None)
-            # A value dropped from the store (an earlier rotation's) is found by its key id.
-            stale = [x for x, e in self._cache.items() if e.principal.key_id in ids
-                     and (e.version is None or e.version < max_at(changed, e.principal.key_id))]
+            stale = [x for x, e in self._cache.items()
+                     if (newer := newest.get(e.principal.key_id)) is not None
+                     and (e.version is None or e.version < newer)]
             for x in stale:
                 del self._cache[x]
         self._poll_since = started
@@ -374,8 +372,3 @@ class Authenticator:
                 await self.poll_once()
             except Exception as e:
                 log.warning("final last-used flush failed: %s", type(e).__name__)
-
-
-def max_at(changed: list[repo.Change], key_id: int) -> dt.datetime:
-    """The newest change of one key in a poll's change feed."""
-    return max(at for i, _, _, at in changed if i == key_id)
