@@ -75,11 +75,6 @@ def rate_headers(requests: RateView | None, tokens: RateView | None) -> dict[str
 
 RawHeaders = list[tuple[bytes, bytes]]
 
-def encode(headers: dict[str, str]) -> RawHeaders:
-    """Headers as the server writes them."""
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-
-
 _TEMPLATES = {
     kind: b"x-ratelimit-limit-%b: %%d\r\nx-ratelimit-remaining-%b: %%d\r\n"
           b"x-ratelimit-reset-%b: %%b\r\n" % (kind, kind, kind)

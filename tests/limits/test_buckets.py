@@ -10,7 +10,6 @@ from fleetgate.limits.buckets import admission_cost, refill, settle_level, until
 from fleetgate.limits.headers import (
     RateView,
     bucket_head,
-    encode,
     format_duration,
     head_lines,
     head_pairs,
@@ -170,5 +169,5 @@ def test_a_buckets_header_lines_are_what_rate_headers_writes(capacity: int, leve
         view = RateView.of(capacity, level)
         slow = rate_headers(view if kind == "requests" else None,
                             view if kind == "tokens" else None)
-        assert head_pairs(fast) == encode(slow)
+        assert head_pairs(fast) == [(k.encode(), v.encode()) for k, v in slow.items()]
         assert fast == head_lines(slow)
