@@ -638,12 +638,6 @@ class UsageEvent(NamedTuple):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    @property
-    def created(self) -> dt.datetime:
-        """``created_at`` as a naive UTC datetime."""
-        t = self.created_at
-        return t if isinstance(t, dt.datetime) else _from_epoch(t)
-
 
 def _from_epoch(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, dt.UTC).replace(tzinfo=None)
@@ -690,14 +684,15 @@ def _usage_insert(engine: Engine) -> tuple[str, dict[int, Any]]:
 _SQLITE_CHUNK = 5_000  # rows per statement: bounds the JSON text one statement carries
 
 
-def _sqlite_insert_from_json() -> str:
-    """One statement that inserts every row of a JSON array of rows (arrays in column order):
-    the whole batch is one ``sqlite3_step``, so the writer thread releases the GIL once per
-    batch, not once per row as ``executemany`` does (each re-acquisition waits on the event loop
-    thread and stalls it in turn)."""
-    cols = ", ".join(_USAGE_COLUMNS)
-    picks = ", ".join(f"value ->> {i}" for i in range(len(_USAGE_COLUMNS)))
-    return f"INSERT INTO usage_events ({cols}) SELECT {picks} FROM json_each(?) ORDER BY key"
+# One statement that inserts every row of a JSON array of rows (arrays in column order): the
+# whole batch is one ``sqlite3_step``, so the writer thread releases the GIL once per batch, not
+# once per row as ``executemany`` does (each re-acquisition waits on the event loop's thread and
+# stalls it in turn).
+_SQLITE_INSERT_FROM_JSON = (
+    f"INSERT INTO usage_events ({', '.join(_USAGE_COLUMNS)}) "
+    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_USAGE_COLUMNS)))} "
+    "FROM json_each(?) ORDER BY key"
+)
 
 
 def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
@@ -705,7 +700,7 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
 
     This runs under load, beside the request path, in a worker thread that competes for the GIL.
     SQLite gets the batch as one JSON array in one statement (see
-    :func:`_sqlite_insert_from_json`); other databases get the driver's own ``executemany``
+    ``_SQLITE_INSERT_FROM_JSON``); other databases get the driver's own ``executemany``
     over the events themselves (they are tuples in column order), converting only the columns
     whose type needs it. SQLAlchemy's multi-row statements, or even its bind processors on every
     value, cost several times more CPU.
@@ -732,9 +727,9 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
         return 0
     with engine.begin() as conn:
         if sqlite:
-            many = _sqlite_insert_from_json()
             for i in range(0, len(rows), _SQLITE_CHUNK):
-                conn.exec_driver_sql(many, (orjson.dumps(rows[i:i + _SQLITE_CHUNK]).decode(),))
+                conn.exec_driver_sql(_SQLITE_INSERT_FROM_JSON,
+                                     (orjson.dumps(rows[i:i + _SQLITE_CHUNK]).decode(),))
         else:
             conn.exec_driver_sql(sql, [tuple(r) for r in rows])
     return len(rows)
