@@ -174,18 +174,28 @@ class LimitsSettings(_Model):
         return self
 
 
-class ModelSettings(_Model):
-    name: str = Field(min_length=1, max_length=200)
-    served_name: str | None = None
-    api_key: str | None = Field(default=None, repr=False)
-    label: str | None = None
-    backend: Backend
+class ModelPolicies(_Model):
+    """How a model scales, starts, balances, restarts and admits: the same for a configured
+    model and for a template, which hands them on to every model it makes."""
+
     scaling: ScalingPolicy = ScalingPolicy()
     cold_start: ColdStartPolicy = ColdStartPolicy()
     balancer: BalancerPolicy = BalancerPolicy()
     restart: RestartPolicy = RestartPolicy()
     limits: ModelLimits = ModelLimits()
     admission: AdmissionPolicy = AdmissionPolicy()
+
+    def policies(self) -> dict[str, Any]:
+        """These settings by name, to hand on."""
+        return {name: getattr(self, name) for name in ModelPolicies.model_fields}
+
+
+class ModelSettings(ModelPolicies):
+    name: str = Field(min_length=1, max_length=200)
+    served_name: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
+    label: str | None = None
+    backend: Backend
 
     @field_validator("api_key")
     @classmethod
@@ -207,7 +217,7 @@ TEMPLATE_PATH_PLACEHOLDER = "model_path"
 TemplateBackend = Annotated[LocalBackend | SlurmBackend, Field(discriminator="type")]
 
 
-class TemplateSettings(_Model):
+class TemplateSettings(ModelPolicies):
     """A recipe for models started on request (``templates[]``, see docs/templates.md).
 
     The backend is the admin's: a request chooses the model path (matched against ``match``)
@@ -217,12 +227,6 @@ class TemplateSettings(_Model):
     name: str = Field(min_length=1, max_length=100)
     match: tuple[str, ...] = Field(min_length=1)
     backend: TemplateBackend
-    scaling: ScalingPolicy = ScalingPolicy()
-    cold_start: ColdStartPolicy = ColdStartPolicy()
-    balancer: BalancerPolicy = BalancerPolicy()
-    restart: RestartPolicy = RestartPolicy()
-    limits: ModelLimits = ModelLimits()
-    admission: AdmissionPolicy = AdmissionPolicy()
     api_key: str | None = Field(default=None, repr=False)
     max_models: int = Field(1, ge=1, le=1000)
     launch: tuple[str, ...] = ()

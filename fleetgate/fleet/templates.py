@@ -176,12 +176,7 @@ class Templates:
             name=path,
             api_key=t.api_key,
             backend=t.backend.model_copy(update={"model_path": path}),
-            scaling=t.scaling,
-            cold_start=t.cold_start,
-            balancer=t.balancer,
-            restart=t.restart,
-            limits=t.limits,
-            admission=t.admission,
+            **t.policies(),
         )
 
     def _add(self, t: TemplateSettings, path: str, run: bool = True) -> ModelGroup:
