@@ -6,27 +6,14 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import Engine
 
-from fleetgate import config
 from fleetgate.auth.principals import Principal
 from fleetgate.errors import Conflict, GatewayError, InvalidRequest, NotFound, PermissionDenied
-from fleetgate.services import Actor, Context, audit, authz
+from fleetgate.services import Context, audit, authz
 from fleetgate.services import groups as G
 from fleetgate.services import keys as K
 from fleetgate.services import users as U
 from fleetgate.store import repo
-
-MODELS = ("Qwen/Qwen3-8B", "Qwen/Qwen3-32B", "meta/llama-3-8b", "demo")
-
-
-@pytest.fixture
-def ctx(engine: Engine) -> Context:
-    settings = config.parse({"models": [
-        {"name": m, "backend": {"type": "static", "urls": ["http://127.0.0.1:9"]}}
-        for m in MODELS
-    ]})
-    return Context(engine, settings, Actor("root", 7))
 
 
 def actions(ctx: Context) -> list[tuple[str, str, str]]:

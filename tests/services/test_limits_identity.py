@@ -7,30 +7,18 @@ import asyncio
 import ipaddress
 
 import pytest
-from sqlalchemy import Engine
 
 from fleetgate import config
 from fleetgate.auth.authn import Authenticator
 from fleetgate.auth.principals import Principal
 from fleetgate.errors import InvalidRequest, PermissionDenied
 from fleetgate.limits.spec import Limits, Quota, Subject
-from fleetgate.services import Actor, Context, audit, authz
+from fleetgate.services import Context, audit, authz
 from fleetgate.services import groups as G
 from fleetgate.services import keys as K
 from fleetgate.services import users as U
 from fleetgate.services.validation import KEEP
 from fleetgate.store import repo
-
-MODELS = ("demo", "Qwen/Qwen3-8B")
-
-
-@pytest.fixture
-def ctx(engine: Engine) -> Context:
-    settings = config.parse({"models": [
-        {"name": m, "backend": {"type": "static", "urls": ["http://127.0.0.1:9"]}}
-        for m in MODELS
-    ]})
-    return Context(engine, settings, Actor("root", 7))
 
 
 def principal(ctx: Context, key: str) -> Principal:
