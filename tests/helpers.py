@@ -142,3 +142,13 @@ def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def asgi(send: Any) -> Any:
+    """A relay's responder over an ASGI ``send`` that records messages (no request side)."""
+    from fleetgate.api.exchange import AsgiExchange
+
+    async def no_receive() -> dict[str, Any]:
+        raise AssertionError("the relay never reads the request")
+
+    return AsgiExchange({"type": "http", "headers": []}, no_receive, send)

@@ -9,6 +9,7 @@ sent).
 from __future__ import annotations
 
 from fleetgate.api.asgi import send_json
+from fleetgate.api.exchange import exchange
 from fleetgate.api.routing import Handler, Request, Route
 from fleetgate.dataplane.pipeline import Pipeline
 from fleetgate.dataplane.request import ENDPOINTS, Endpoint
@@ -23,7 +24,7 @@ class OpenAIRoutes:
         handle = self.pipeline.handle
 
         async def handler(req: Request) -> None:
-            await handle(endpoint, req.caller, req.scope, req.receive, req.send)
+            await handle(endpoint, req.caller, exchange(req.scope, req.receive, req.send))
 
         return handler
 

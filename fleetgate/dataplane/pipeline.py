@@ -24,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
-from fleetgate.api.asgi import RAW_HEAD, Receive, Scope, Send, read_body
+from fleetgate.api.exchange import Exchange
 from fleetgate.auth.authn import Authenticator
 from fleetgate.auth.principals import Principal
 from fleetgate.dataplane import request as reqmod
@@ -36,7 +35,6 @@ from fleetgate.dataplane.routes import ModelRoute, RouteTable
 from fleetgate.dataplane.waiting import (
     QUEUED,
     AfterHead,
-    DisconnectWatch,
     StreamHead,
     wait_for_replica,
     wait_with_keepalive,
@@ -195,11 +193,9 @@ class Pipeline:
 
     # -- the whole path -------------------------------------------------------------------------
 
-    async def handle(
-        self, endpoint: Endpoint, principal: Principal, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    async def handle(self, endpoint: Endpoint, principal: Principal, ex: Exchange) -> None:
         started = time.monotonic()
-        raw = await read_body(scope, receive, self.max_body_bytes)
+        raw = await ex.body(self.max_body_bytes)
         req = self.parse(raw, endpoint)
         route = self.authorize(principal, req)
         affinity = _affinity(req) if route.affinity else None
@@ -207,19 +203,15 @@ class Pipeline:
         up = reqmod.upstream_body(raw, req, route.upstream_name, priority)
         grant = await self.admit(principal, route, req)
         # From here on the grant is settled however the request ends.
-        if grant.head:
-            if RAW_HEAD in scope.get("extensions", ()):
-                send = _WithHead(send, grant.head)
-            else:
-                send = _WithHeaders(send, grant.raw_headers)
+        ex.extra_head = grant.head
         gone = ClientGone()
-        watch = DisconnectWatch(receive, gone)
+        ex.on_gone(gone.fire)
         tap = UsageTap(
             hide_usage_event=up.hide_usage_event,
             strip_chunk_usage=up.strip_chunk_usage,
             rewrite=route.rewrite,
         )
-        head = StreamHead(send) if req.stream else None
+        head = StreamHead(ex) if req.stream else None
         status = 0
         slot: Slot | None = None
         lease: Lease | None = None
@@ -255,17 +247,17 @@ class Pipeline:
             status = resp.status
             sent_head = head is not None and head.sent
             if req.stream and resp.status == 200 and resp.content_type == "text/event-stream":
-                await relay_stream(resp, AfterHead(send, False) if sent_head else send, tap, gone)
+                await relay_stream(resp, AfterHead(ex, False) if sent_head else ex, tap, gone)
             else:
-                await relay_whole(resp, AfterHead(send, True) if sent_head else send, tap)
+                await relay_whole(resp, AfterHead(ex, True) if sent_head else ex, tap)
         except GatewayError as e:
             status = e.status
             if head is None or not head.sent:
                 raise
             # The SSE response already started while waiting: end it with the error event.
-            await send({"type": "http.response.body", "body": e.sse_event(), "more_body": False})
+            await ex.write(e.sse_event())
         finally:
-            watch.stop()
+            ex.on_gone(None)
             if lease is not None:
                 lease.release()
             if slot is not None:
@@ -279,36 +271,6 @@ class Pipeline:
 CLIENT_CLOSED = 499
 """The status recorded for a client that left before any answer (nginx's "client closed
 request"); nothing is sent."""
-
-
-class _WithHead:
-    """``send`` that adds header lines to the response head (the server's ``RAW_HEAD``)."""
-
-    __slots__ = ("send", "head")
-
-    def __init__(self, send: Send, head: bytes) -> None:
-        self.send = send
-        self.head = head
-
-    async def __call__(self, msg: Any) -> None:
-        if msg["type"] == "http.response.start":
-            msg = {**msg, RAW_HEAD: self.head}
-        await self.send(msg)
-
-
-class _WithHeaders:
-    """``send`` that adds the rate-limit headers to the response head."""
-
-    __slots__ = ("send", "extra")
-
-    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
-        self.send = send
-        self.extra = headers
-
-    async def __call__(self, msg: Any) -> None:
-        if msg["type"] == "http.response.start":
-            msg = {**msg, "headers": [*msg.get("headers", ()), *self.extra]}
-        await self.send(msg)
 
 
 def _priority(p: Principal) -> int:
@@ -330,8 +292,3 @@ def _affinity(req: ParsedRequest) -> bytes | None:
     except (TypeError, RecursionError, ValueError):
         # orjson refuses to write what it read 254+ levels deep.
         raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
-
-
-async def _end_stream(send: Send, e: GatewayError) -> None:
-    """The SSE response already started: end it with the error as its last event."""
-    await send({"type": "http.response.body", "body": e.sse_event(), "more_body": False})

@@ -1,14 +1,12 @@
-"""What a request does while it waits: for its client to leave, or for a replica to start.
+"""What a request does while it waits for a replica to start, or for a fair-share slot.
 
-* :class:`DisconnectWatch` notices a client going away (ASGI ``http.disconnect``) and fires the
-  request's :class:`~fleetgate.proxy.client.ClientGone`, which aborts the upstream request so
-  the engine stops generating. It is started lazily: most requests finish within ``delay_s``,
-  and for them no task is ever created (a task per request cost about a tenth of the gateway's
-  CPU in bench/run).
+(A client going away is noticed by the :class:`~fleetgate.api.exchange.Exchange`, which fires
+the request's :class:`~fleetgate.proxy.client.ClientGone`.)
+
 * :func:`wait_for_replica` is cold-start ``wait`` mode. A streaming client gets its SSE head at
   once and a comment every few seconds, so neither it nor a proxy in between times out; the
   comment carries what the launcher says about the wait (a SLURM job's queue reason).
-* :class:`AfterHead` is the ``send`` for a response whose SSE head already went out while
+* :class:`AfterHead` is the responder for a response whose SSE head already went out while
   waiting: the relay's own head is dropped, and a non-stream answer (an error) becomes the
   stream's final ``data:`` event, since the status line can no longer change.
 """
@@ -17,63 +15,32 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from fleetgate.api.asgi import Receive, Send
+from fleetgate.api.exchange import Responder
 from fleetgate.fleet.pool import Pool
+from fleetgate.limits.headers import RawHeaders
 from fleetgate.proxy.client import ClientGone
 
 T = TypeVar("T")
 
 
-class DisconnectWatch:
-    __slots__ = ("receive", "gone", "finished", "timer", "task")
-
-    def __init__(self, receive: Receive, gone: ClientGone, delay_s: float = 0.25) -> None:
-        self.receive = receive
-        self.gone = gone
-        self.finished = False
-        self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            delay_s, self._start
-        )
-
-    def _start(self) -> None:
-        self.timer = None
-        if not self.finished:
-            self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            msg = await self.receive()
-            if msg["type"] == "http.disconnect":
-                if not self.finished:
-                    self.gone.fire()
-                return
-
-    def stop(self) -> None:
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.task is not None:
-            self.task.cancel()
-
-
 class AfterHead:
-    __slots__ = ("send", "as_event")
+    __slots__ = ("out", "as_event")
 
-    def __init__(self, send: Send, as_event: bool) -> None:
-        self.send = send
+    def __init__(self, out: Responder, as_event: bool) -> None:
+        self.out = out
         self.as_event = as_event
 
-    async def __call__(self, msg: Any) -> None:
-        if msg["type"] == "http.response.start":
-            return
+    async def start(self, status: int, headers: RawHeaders) -> None:
+        return None  # the stream's head is out already
+
+    async def write(self, data: bytes, more: bool = False) -> None:
         if self.as_event:
-            data = msg.get("body", b"").strip()
+            data = data.strip()
             if data:
-                msg = {**msg, "body": b"data: " + data + b"\n\n"}
-        await self.send(msg)
+                data = b"data: " + data + b"\n\n"
+        await self.out.write(data, more)
 
 
 # The head of a stream the gateway opens itself, before any replica answered.
@@ -105,21 +72,19 @@ class StreamHead:
     """Whether the gateway already sent a streaming client its SSE head while it waited (for a
     replica, or in the fair-share queue): sent at most once, by whichever wait comes first."""
 
-    __slots__ = ("send", "sent")
+    __slots__ = ("out", "sent")
 
-    def __init__(self, send: Send) -> None:
-        self.send = send
+    def __init__(self, out: Responder) -> None:
+        self.out = out
         self.sent = False
 
     async def ensure(self) -> None:
         if not self.sent:
             self.sent = True
-            await self.send({"type": "http.response.start", "status": 200, "headers": WAIT_HEAD})
+            await self.out.start(200, WAIT_HEAD)
 
     async def comment(self, note: str, what: str = "") -> None:
-        await self.send(
-            {"type": "http.response.body", "body": keepalive_comment(note, what), "more_body": True}
-        )
+        await self.out.write(keepalive_comment(note, what), True)
 
 
 async def wait_with_keepalive(

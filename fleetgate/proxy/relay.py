@@ -1,4 +1,5 @@
-"""Relaying an upstream response to the ASGI client, as it arrives.
+"""Relaying an upstream response to the client (a :class:`~fleetgate.api.exchange.Responder`),
+as it arrives.
 
 Promises:
 - a streamed response is relayed in batches of complete SSE events, as they arrive, with no
@@ -20,13 +21,12 @@ Promises:
 from __future__ import annotations
 
 import time
-from typing import Any
 
+from fleetgate.api.exchange import Responder
 from fleetgate.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
 from fleetgate.proxy.client import ClientGone, ResponseTooLarge, UpstreamClosed, UpstreamResponse
 from fleetgate.proxy.usage_tap import UsageTap
 
-Send = Any  # ASGI send callable
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -126,7 +126,7 @@ def _too_large(what: str) -> UpstreamUnreachable:
     )
 
 
-async def relay_whole(resp: UpstreamResponse, send: Send, tap: UsageTap) -> None:
+async def relay_whole(resp: UpstreamResponse, out: Responder, tap: UsageTap) -> None:
     """A non-streamed answer: read it whole (bounded), note usage, send it."""
     try:
         data = await resp.read()
@@ -139,16 +139,16 @@ async def relay_whole(resp: UpstreamResponse, send: Send, tap: UsageTap) -> None
     finally:
         resp.release()
     data = tap.body(data) if resp.status == 200 else tap.apply_rewrite(data)
-    await send(
-        {"type": "http.response.start", "status": resp.status, "headers": _headers(resp, len(data))}
-    )
+    await out.start(resp.status, _headers(resp, len(data)))
     tap.first_byte_at = time.monotonic()
-    await send({"type": "http.response.body", "body": data})
+    await out.write(data)
 
 
-async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: ClientGone) -> None:
+async def relay_stream(
+    resp: UpstreamResponse, out: Responder, tap: UsageTap, gone: ClientGone
+) -> None:
     """A streamed answer: the response has started once this is called."""
-    await send({"type": "http.response.start", "status": resp.status, "headers": SSE_HEADERS})
+    await out.start(resp.status, SSE_HEADERS)
     split = EventSplitter(resp.max_event_bytes)
     error: GatewayError | None = None
     try:
@@ -158,11 +158,11 @@ async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: 
                 continue
             if b"\r" in events:  # CRLF line ends (sse-starlette's): the same events with LF
                 events = events.replace(b"\r\n", b"\n")
-            out = tap.events(events)
-            if out:
+            relayed = tap.events(events)
+            if relayed:
                 if tap.first_byte_at is None:
                     tap.first_byte_at = time.monotonic()
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+                await out.write(relayed, True)
     except TimeoutError:
         error = UpstreamTimeout("The model's server stopped sending mid-stream.")
     except UpstreamClosed:
@@ -177,10 +177,10 @@ async def relay_stream(resp: UpstreamResponse, send: Send, tap: UsageTap, gone: 
         return
     rest = split.rest().replace(b"\r\n", b"\n")
     if error is None and rest.strip():
-        out = tap.events(rest + b"\n\n")
-        if out:
-            await send({"type": "http.response.body", "body": out, "more_body": True})
+        relayed = tap.events(rest + b"\n\n")
+        if relayed:
+            await out.write(relayed, True)
     if error is None and not tap.done:
         error = UpstreamUnreachable("The model's server ended the stream without finishing it.")
     tail = error.sse_event() if error is not None else b""
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
+    await out.write(tail)

@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import httptools
 
-from fleetgate.api.asgi import RAW_HEAD
+from fleetgate.api.asgi import RAW_HEAD, read_body, too_large
+from fleetgate.api.exchange import EXCHANGE
 from fleetgate.errors import GatewayError
 from fleetgate.server import wire
 
@@ -68,16 +70,17 @@ class Cycle:
     """One request and its response: the ASGI ``receive`` and ``send`` of that request."""
 
     __slots__ = (
-        "proto", "scope", "body", "buffered", "received", "body_done", "final_delivered",
+        "proto", "scope", "chunks", "buffered", "received", "body_done", "final_delivered",
         "disconnected", "waiters", "started", "complete", "head", "chunked", "no_body",
-        "length", "sent", "keep_alive", "expect_100", "body_since", "status",
+        "length", "sent", "keep_alive", "expect_100", "body_since", "status", "extra_head",
+        "gone_cb",
     )
 
     def __init__(self, proto: HttpProtocol, scope: dict[str, Any], keep_alive: bool,
                  expect_100: bool, now: float) -> None:
         self.proto = proto
         self.scope = scope
-        self.body: list[bytes] = []
+        self.chunks: list[bytes] = []
         self.buffered = 0
         self.received = 0
         self.body_done = False
@@ -95,6 +98,9 @@ class Cycle:
         self.expect_100 = expect_100
         self.body_since = now  # when the body clock started (shifted by paused time)
         self.status = 0
+        self.extra_head = b""  # the Exchange's header lines, added to the head
+        self.gone_cb: Callable[[], None] | None = None
+        scope[EXCHANGE] = self
 
     def wake(self) -> None:
         if self.waiters:
@@ -107,10 +113,10 @@ class Cycle:
         while True:
             if self.disconnected or self.complete:
                 return {"type": "http.disconnect"}
-            if self.body or (self.body_done and not self.final_delivered):
-                chunks = self.body
+            if self.chunks or (self.body_done and not self.final_delivered):
+                chunks = self.chunks
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self.body = []
+                self.chunks = []
                 more = not self.body_done
                 if not more:
                     self.final_delivered = True
@@ -133,47 +139,92 @@ class Cycle:
     async def send(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind == "http.response.body":
-            if not self.started or self.complete:
-                raise RuntimeError("http.response.body out of order")
-            body: bytes = msg.get("body", b"")
-            more: bool = msg.get("more_body", False)
-            if self.disconnected:
-                if not more:
-                    self.complete = True
-                return
-            out = self.head
-            self.head = None
-            if self.chunked:
-                if body:
-                    chunk = b"%x\r\n%b\r\n" % (len(body), body)
-                    out = chunk if out is None else out + chunk
-                if not more:
-                    out = b"0\r\n\r\n" if out is None else out + b"0\r\n\r\n"
-            elif body and not self.no_body:
-                self.sent += len(body)
-                if self.length is not None and self.sent > self.length:
-                    raise RuntimeError("response body longer than its Content-Length")
-                out = body if out is None else out + body
-            proto = self.proto
-            if out:
-                proto.transport.write(out)  # type: ignore[union-attr]
-            if not more:
-                if self.length is not None and self.sent != self.length and not self.no_body:
-                    self.keep_alive = False  # the framing is broken: the client must not reuse
-                self.complete = True
-                self.wake()
-                proto.response_done(self)
-            elif proto.write_paused:
-                await proto.drain()
+            await self.write(msg.get("body", b""), msg.get("more_body", False))
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
             self.started = True
-            self._start(msg["status"], msg.get("headers") or (), msg.get(RAW_HEAD))
+            raw = msg.get(RAW_HEAD)
+            self._start(msg["status"], msg.get("headers") or (),
+                        self.extra_head + raw if raw else self.extra_head)
         else:
             raise RuntimeError(f"unsupported ASGI message {kind!r}")
 
-    def _start(self, status: int, headers: Any, raw: bytes | None = None) -> None:
+    # -- the native Exchange (fleetgate/api/exchange.py): the data plane's way in, no messages --
+
+    async def body(self, limit: int) -> bytes:
+        """The whole request body (the server already refused a declared length over its own
+        bound; ``limit`` is the app's)."""
+        if self.body_done and not self.final_delivered and not self.disconnected:
+            # The usual case: the body came with the head, in the same read.
+            chunks = self.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.chunks = []
+            self.final_delivered = True
+            if self.buffered > BODY_HIGH_WATER:
+                self.buffered = 0
+                self.proto.update_reading()
+            else:
+                self.buffered = 0
+            if len(data) > limit:
+                raise too_large(limit)
+            return data
+        return await read_body(self.scope, self.receive, limit)
+
+    async def start(self, status: int, headers: Any) -> None:
+        if self.started:
+            raise RuntimeError("the response started twice")
+        self.started = True
+        self._start(status, headers, self.extra_head)
+
+    def on_gone(self, fire: Callable[[], None] | None) -> None:
+        self.gone_cb = fire
+        if fire is not None and self.disconnected and not self.complete:
+            fire()
+
+    def lost(self) -> None:
+        """The client went away (or was cut): wake the app's waits and tell its callback."""
+        self.disconnected = True
+        self.wake()
+        fire = self.gone_cb
+        if fire is not None and not self.complete:
+            self.gone_cb = None
+            fire()
+
+    async def write(self, body: bytes, more: bool = False) -> None:
+        if not self.started or self.complete:
+            raise RuntimeError("http.response.body out of order")
+        if self.disconnected:
+            if not more:
+                self.complete = True
+            return
+        out = self.head
+        self.head = None
+        if self.chunked:
+            if body:
+                chunk = b"%x\r\n%b\r\n" % (len(body), body)
+                out = chunk if out is None else out + chunk
+            if not more:
+                out = b"0\r\n\r\n" if out is None else out + b"0\r\n\r\n"
+        elif body and not self.no_body:
+            self.sent += len(body)
+            if self.length is not None and self.sent > self.length:
+                raise RuntimeError("response body longer than its Content-Length")
+            out = body if out is None else out + body
+        proto = self.proto
+        if out:
+            proto.transport.write(out)  # type: ignore[union-attr]
+        if not more:
+            if self.length is not None and self.sent != self.length and not self.no_body:
+                self.keep_alive = False  # the framing is broken: the client must not reuse
+            self.complete = True
+            self.gone_cb = None
+            self.wake()
+            proto.response_done(self)
+        elif proto.write_paused:
+            await proto.drain()
+
+    def _start(self, status: int, headers: Any, raw: bytes) -> None:
         self.status = status
         proto = self.proto
         parts = [wire.status_line(status), proto.state.date.line]
@@ -284,8 +335,7 @@ class HttpProtocol(asyncio.Protocol):
             self.linger.cancel()
         for c in (self.active, *self.queue):
             if c is not None:
-                c.disconnected = True
-                c.wake()
+                c.lost()
         self.queue.clear()
         self._wake_drain()
 
@@ -380,7 +430,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _Refuse(wire.VersionNotSupported("This server speaks HTTP/1.1 (and 1.0) only."))
         limit = self.opts.max_body_bytes
         if limit is not None and self.content_length > limit:
-            raise _Refuse(wire.too_large(limit))
+            raise _Refuse(too_large(limit))
         url = self.url
         try:
             if url[:1] == b"/" and b"#" not in url:
@@ -422,7 +472,7 @@ class HttpProtocol(asyncio.Protocol):
         c = self.parsing
         if c is None:
             return
-        c.body.append(body)
+        c.chunks.append(body)
         c.expect_100 = False  # the client sent the body without waiting: no 100 is owed
         c.buffered += len(body)
         c.received += len(body)
@@ -594,8 +644,7 @@ class HttpProtocol(asyncio.Protocol):
                 elapsed = now - c.body_since
                 if (elapsed > o.header_timeout_s
                         and c.received < o.body_min_rate_bytes_s * elapsed):
-                    c.disconnected = True  # the app sees the client gone; its answer is dropped
-                    c.wake()
+                    c.lost()  # the app sees the client gone; its answer is dropped
                     if not c.started:
                         err = wire.RequestTimeout(
                             f"The request body arrived more slowly than "

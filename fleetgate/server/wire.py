@@ -14,7 +14,7 @@ import time
 from email.utils import formatdate
 from http import HTTPStatus
 
-from fleetgate.errors import GatewayError, InvalidRequest, PayloadTooLarge, Unavailable
+from fleetgate.errors import GatewayError, InvalidRequest, Unavailable
 
 STATUS_LINES: dict[int, bytes] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
@@ -123,6 +123,3 @@ def refusal(err: GatewayError, date: bytes) -> bytes:
     return b"".join(head) + body
 
 
-def too_large(limit: int) -> PayloadTooLarge:
-    # The same words as the app's own check (fleetgate/api/asgi.py), so either reads the same.
-    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from helpers import settings_for, sim
+from helpers import asgi, settings_for, sim
 
 from fleetgate.app import create_app
 from fleetgate.config import ServerSettings
@@ -86,7 +86,7 @@ async def test_crlf_events_stream_one_by_one_as_lf_events():
             sent.append(msg["body"])
 
     tap = UsageTap(hide_usage_event=False, rewrite=None)
-    await relay_stream(resp, send, tap, ClientGone())  # type: ignore[arg-type]
+    await relay_stream(resp, asgi(send), tap, ClientGone())  # type: ignore[arg-type]
     lf = ev.replace(b"\r\n", b"\n")
     assert sent == [lf, lf + b"data: [DONE]\n\n", b""]
     assert tap.done and tap.completion_tokens == 2
@@ -96,7 +96,7 @@ async def test_an_event_past_the_bound_ends_the_stream_with_an_error_event():
     chunks = [b"data: {\"choices\":[]}\n\n"] + [b"y" * 65536] * 40  # 2.5 MiB, no blank line
     resp = FakeResponse(chunks, max_event_bytes=1 * MiB)
     sink = Sink()
-    await relay_stream(resp, sink, UsageTap(hide_usage_event=False, rewrite=None), ClientGone())
+    await relay_stream(resp, asgi(sink), UsageTap(hide_usage_event=False, rewrite=None), ClientGone())
     assert resp.closed
     last = sink.body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
     err = orjson.loads(last.removeprefix(b"data: "))["error"]
@@ -125,7 +125,7 @@ async def test_client_leaving_after_20_of_30_tokens_is_billed_for_what_was_relay
             if _tokens(b"".join(received)) >= 20:
                 gone.fire()  # the client reads 20 tokens and hangs up
 
-        await asyncio.wait_for(relay_stream(resp, client_send, tap, gone), 30)
+        await asyncio.wait_for(relay_stream(resp, asgi(client_send), tap, gone), 30)
         await u.stop()
     seen = b"".join(received)
     relayed = _tokens(seen)

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
+from helpers import asgi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +46,7 @@ def _run(chunks: list[bytes], hide: bool, strip: bool | None = None) -> tuple[by
 
     tap = UsageTap(hide_usage_event=hide, strip_chunk_usage=strip,
                    rewrite=(b'"model":"up"', b'"model":"pub"'))
-    asyncio.run(relay_stream(Chunks(chunks), send, tap, ClientGone()))  # type: ignore[arg-type]
+    asyncio.run(relay_stream(Chunks(chunks), asgi(send), tap, ClientGone()))  # type: ignore[arg-type]
     return b"".join(out), tap.prompt_tokens, tap.completion_tokens, tap.done
 
 
