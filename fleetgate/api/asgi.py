@@ -9,11 +9,6 @@ import orjson
 
 from fleetgate.errors import GatewayError, PayloadTooLarge
 
-RAW_HEAD = "fleetgate.raw_head"
-"""An ASGI extension FleetGate's own server offers (``scope["extensions"]``): a
-``http.response.start`` message may carry header lines the app built itself (``name: value\r\n``
-each, already valid) under this key, written into the head as they are."""
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

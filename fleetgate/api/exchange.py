@@ -29,7 +29,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fleetgate.api.asgi import RAW_HEAD, Receive, Scope, Send, read_body
+from fleetgate.api.asgi import Receive, Scope, Send, read_body
 from fleetgate.limits.headers import RawHeaders, head_pairs
 
 EXCHANGE = "fleetgate.exchange"
@@ -66,7 +66,7 @@ class AsgiExchange:
     them no task is ever created (a task per request cost about a tenth of the gateway's CPU).
     """
 
-    __slots__ = ("scope", "receive", "send", "extra_head", "_fire", "_timer", "_task", "_raw")
+    __slots__ = ("scope", "receive", "send", "extra_head", "_fire", "_timer", "_task")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
@@ -76,7 +76,6 @@ class AsgiExchange:
         self._fire: Callable[[], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._raw = RAW_HEAD in scope.get("extensions", ())
 
     async def body(self, limit: int) -> bytes:
         return await read_body(self.scope, self.receive, limit)
@@ -84,10 +83,7 @@ class AsgiExchange:
     async def start(self, status: int, headers: RawHeaders) -> None:
         msg: dict[str, Any] = {"type": "http.response.start", "status": status, "headers": headers}
         if self.extra_head:
-            if self._raw:
-                msg[RAW_HEAD] = self.extra_head
-            else:
-                msg["headers"] = [*headers, *head_pairs(self.extra_head)]
+            msg["headers"] = [*headers, *head_pairs(self.extra_head)]
         await self.send(msg)
 
     async def write(self, data: bytes, more: bool = False) -> None:

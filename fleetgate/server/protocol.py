@@ -37,7 +37,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from fleetgate.api.asgi import RAW_HEAD, read_body, too_large
+from fleetgate.api.asgi import read_body, too_large
 from fleetgate.api.exchange import EXCHANGE
 from fleetgate.errors import GatewayError
 from fleetgate.server import wire
@@ -49,10 +49,6 @@ log = logging.getLogger("fleetgate.server")
 access_log = logging.getLogger("fleetgate.access")
 
 ASGI_INFO = {"version": "3.0", "spec_version": "2.3"}
-# The ``fleetgate.raw_head`` extension (api/asgi.py): header lines the app built itself and vouches
-# for. The gateway's rate-limit headers change on every response; one block costs one format, six
-# pairs cost six checks.
-_EXTENSIONS: dict[str, dict[str, Any]] = {RAW_HEAD: {}}
 BODY_HIGH_WATER = 64 * 1024
 MAX_PIPELINED = 32
 LINGER_S = 2.0  # after a refusal, how long unread request bytes are drained before closing
@@ -144,9 +140,7 @@ class Cycle:
             if self.started:
                 raise RuntimeError("http.response.start sent twice")
             self.started = True
-            raw = msg.get(RAW_HEAD)
-            self._start(msg["status"], msg.get("headers") or (),
-                        self.extra_head + raw if raw else self.extra_head)
+            self._start(msg["status"], msg.get("headers") or (), self.extra_head)
         else:
             raise RuntimeError(f"unsupported ASGI message {kind!r}")
 
@@ -457,7 +451,6 @@ class HttpProtocol(asyncio.Protocol):
             "raw_path": raw_path,
             "query_string": query,
             "headers": self.headers,
-            "extensions": _EXTENSIONS,
         }
         keep_alive = p.should_keep_alive() and version == "1.1"
         c = Cycle(self, scope, keep_alive, self.expect_100, self.loop.time())
