@@ -8,6 +8,11 @@ CSRF token of every form (``csrf_token``, constant time) and refuses admin pages
 the same services the CLI and the admin API call; fleet ``up``/``down`` go through the fleet
 API's own handlers, so the portal holds no policy of its own.
 
+Creating and rotating a key answer 303 to ``GET /portal/keys?created=ID`` (``rotated=ID``),
+which shows the new value once (:mod:`fleetgate.portal.once`: kept in memory for that session,
+never in a URL); a reload shows the list and says the value was shown once, and a form posted
+twice (its one-time ``form_token``) does its work once.
+
 Errors are HTML pages with the status the API would give; a missing or expired session is a 303
 to the sign-in page (a 401 page for a form post). Every answer carries a strict CSP (no inline
 script or style), ``no-store`` and ``nosniff``. Nothing here touches the ``/v1/*`` path.
@@ -38,7 +43,7 @@ from fleetgate.config import Settings
 from fleetgate.errors import AuthError, GatewayError, InvalidRequest, PermissionDenied
 from fleetgate.fleet import api_handlers as fleet_api
 from fleetgate.fleet.pool import Pool
-from fleetgate.portal import chart
+from fleetgate.portal import chart, once
 from fleetgate.portal.ratelimit import SigninLimiter
 from fleetgate.services import Actor, Context, audit, authz, usage_report
 from fleetgate.services import accounts as account_svc
@@ -68,12 +73,14 @@ _HEADERS = [
 
 @dataclass(slots=True)
 class Page:
-    """One request to a signed-in page: who, their session's CSRF token, the form if posted."""
+    """One request to a signed-in page: who, their session's CSRF token, the form if posted,
+    and the session's name in the portal's one-time maps (:func:`once.session_key`)."""
 
     req: Request
     who: Principal
     csrf: str
     form: dict[str, str]
+    session: str
 
     def field(self, name: str) -> str:
         return self.form.get(name, "")
@@ -91,6 +98,8 @@ class PortalRoutes:
         self.secure = self.cfg.public_url.startswith("https://")
         self.directory = Directory(settings.ldap) if settings.ldap is not None else None
         self.limiter = SigninLimiter()
+        self.flash = once.Flash()
+        self.submissions = once.Submissions()
         self.trusted = parse_networks(settings.server.trusted_proxies)
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("fleetgate.portal", "templates"),
@@ -136,7 +145,7 @@ class PortalRoutes:
     async def _html(self, req: Request, status: int, template: str, *,
                     headers: list[tuple[bytes, bytes]] | None = None, **data: Any) -> None:
         body = self.env.get_template(template).render(
-            public_url=self.cfg.public_url, **data).encode()
+            public_url=self.cfg.public_url, form_token=once.new_form_token, **data).encode()
         hs = [(b"content-type", b"text/html; charset=utf-8"),
               (b"content-length", str(len(body)).encode()), *_HEADERS, *(headers or [])]
         await req.send({"type": "http.response.start", "status": status, "headers": hs})
@@ -192,7 +201,8 @@ class PortalRoutes:
             who: Principal | None = None
             csrf = ""
             try:
-                found = await asyncio.to_thread(self._who, self._cookie(req, sessions.COOKIE))
+                sid = self._cookie(req, sessions.COOKIE)
+                found = await asyncio.to_thread(self._who, sid)
                 if found is None:
                     if form:
                         raise AuthError("Your session has ended; sign in again.",
@@ -209,7 +219,7 @@ class PortalRoutes:
                         audit.denied, self._ctx(who), "portal.admin", "page", req.scope["path"],
                         {"code": "admin_required"})
                     raise PermissionDenied("This page is for admins.", code="admin_required")
-                await fn(Page(req, who, csrf, fields))
+                await fn(Page(req, who, csrf, fields, once.session_key(sid)))
             except GatewayError as e:
                 await self._error(req, who, e, csrf)
         return handle
@@ -307,6 +317,7 @@ class PortalRoutes:
 
     async def _logout(self, page: Page) -> None:
         await asyncio.to_thread(sessions.end, self.engine, self._cookie(page.req, sessions.COOKIE))
+        self.flash.drop(page.session)
         gone = sessions.cookie(sessions.COOKIE, "", secure=self.secure, max_age=0, path="/")
         await self._redirect(page.req, f"{P}/login", [(b"set-cookie", gone)])
 
@@ -346,26 +357,48 @@ class PortalRoutes:
 
     # -- keys -----------------------------------------------------------------------------------
 
-    async def _keys(self, page: Page, new_key: str = "", status: int = 200) -> None:
+    async def _keys(self, page: Page) -> None:
         who = page.who
         ctx = self._ctx(who)
         await asyncio.to_thread(authz.authorize, ctx, who, "key.read", who.user)
         views = await asyncio.to_thread(key_svc.list_keys, ctx, user=who.user)
-        await self._render(page, "keys.html", status, keys=[key_svc.as_json(v) for v in views],
-                           new_key=new_key, expiries=EXPIRY_CHOICES)
+        keys = [key_svc.as_json(v) for v in views]
+        # After a create or rotate (the POST's 303): the value once, then only a note.
+        query = page.req.query()
+        verb = next((v for v in ("created", "rotated") if v in query), "")
+        new_key, just = "", None
+        if verb:
+            try:
+                kid = int(query[verb][0])
+            except ValueError:
+                kid = -1
+            new_key = self.flash.take(page.session, kid) or ""
+            just = next((k for k in keys if k["id"] == kid), None)
+            if just is None and new_key:  # an admin rotated someone else's key
+                just = {"id": kid, "name": f"key {kid}"}
+            if just is None:
+                verb = ""
+        await self._render(page, "keys.html", keys=keys, new_key=new_key, just=just, verb=verb,
+                           expiries=EXPIRY_CHOICES)
 
     async def _key_create(self, page: Page) -> None:
         who, ctx = page.who, self._ctx(page.who)
-        name = page.field("name").strip()
-        expires_text = page.field("expires")
-        if expires_text not in {c for c, _ in EXPIRY_CHOICES}:
-            raise InvalidRequest("Pick an expiry from the list.", param="expires")
-        expires = keyfmt.parse_duration(expires_text) if expires_text else None
-        await asyncio.to_thread(authz.authorize, ctx, who, "key.create", who.user,
-                                ("name", "expires"))
-        key, _ = await asyncio.to_thread(key_svc.create_key, ctx, name=name, user=who.user,
-                                         expires=expires)
-        await self._keys(page, new_key=key)
+
+        async def create() -> str:
+            name = page.field("name").strip()
+            expires_text = page.field("expires")
+            if expires_text not in {c for c, _ in EXPIRY_CHOICES}:
+                raise InvalidRequest("Pick an expiry from the list.", param="expires")
+            expires = keyfmt.parse_duration(expires_text) if expires_text else None
+            await asyncio.to_thread(authz.authorize, ctx, who, "key.create", who.user,
+                                    ("name", "expires"))
+            key, rec = await asyncio.to_thread(key_svc.create_key, ctx, name=name, user=who.user,
+                                               expires=expires)
+            self.flash.put(page.session, rec.id, key)
+            return f"{P}/keys?created={rec.id}"
+
+        await self._redirect(page.req, await self.submissions.once(
+            page.session, page.field("form_token"), create))
 
     def _key_id(self, page: Page) -> int:
         try:
@@ -375,10 +408,16 @@ class PortalRoutes:
 
     async def _key_rotate(self, page: Page) -> None:
         who, ctx, kid = page.who, self._ctx(page.who), self._key_id(page)
-        owner = await asyncio.to_thread(self._owner_of, ctx, who, kid)
-        await asyncio.to_thread(authz.authorize, ctx, who, "key.rotate", owner, (), kid)
-        key, _ = await asyncio.to_thread(key_svc.rotate_key, ctx, kid, owner=owner)
-        await self._keys(page, new_key=key)
+
+        async def rotate() -> str:
+            owner = await asyncio.to_thread(self._owner_of, ctx, who, kid)
+            await asyncio.to_thread(authz.authorize, ctx, who, "key.rotate", owner, (), kid)
+            key, _ = await asyncio.to_thread(key_svc.rotate_key, ctx, kid, owner=owner)
+            self.flash.put(page.session, kid, key)
+            return f"{P}/keys?rotated={kid}"
+
+        await self._redirect(page.req, await self.submissions.once(
+            page.session, page.field("form_token"), rotate))
 
     async def _key_revoke(self, page: Page) -> None:
         who, ctx, kid = page.who, self._ctx(page.who), self._key_id(page)

@@ -234,13 +234,36 @@ async def test_an_admin_sees_every_admin_page(portal: Portal) -> None:
 
 # -- keys ---------------------------------------------------------------------------------------
 
+NEW_KEY = re.compile(r'id="new-key">(fg-[^<]+)<')
+FORM_TOKEN = re.compile(r'name="form_token" value="([^"]+)"')
+
+
+async def key_form(portal: Portal, name: str, expires: str = "30d") -> dict[str, str]:
+    """The create form as the keys page renders it, filled in: CSRF and one-time token."""
+    page = await portal.client.get("/portal/keys")
+    return {"name": name, "expires": expires,
+            "csrf_token": CSRF.search(page.text).group(1),  # type: ignore[union-attr]
+            "form_token": FORM_TOKEN.search(page.text).group(1)}  # type: ignore[union-attr]
+
+
+async def create_key(portal: Portal, name: str) -> tuple[httpx.Response, str]:
+    """Post the create form and follow its 303 by hand: (the POST's answer, the new key)."""
+    r = await portal.client.post("/portal/keys/create", data=await key_form(portal, name))
+    assert r.status_code == 303, r.text
+    shown = await portal.client.get(r.headers["location"])
+    assert shown.status_code == 200 and shown.headers["cache-control"] == "no-store"
+    return r, NEW_KEY.search(shown.text).group(1)  # type: ignore[union-attr]
+
+
+def keys_named(portal: Portal, user: str, name: str) -> list[Any]:
+    from fleetgate.services import keys as key_svc
+
+    return [v for v in key_svc.list_keys(portal.ctx, user=user) if v.key.name == name]
+
+
 async def test_a_new_key_is_shown_once_and_works(portal: Portal) -> None:
     await portal.login("alice", "alice-pw")
-    token = await portal.csrf()
-    r = await portal.client.post("/portal/keys/create",
-                                 data={"name": "laptop", "expires": "30d", "csrf_token": token})
-    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
-    key = re.search(r'id="new-key">(fg-[^<]+)<', r.text).group(1)  # type: ignore[union-attr]
+    r, key = await create_key(portal, "laptop")
     chat = await portal.client.post(
         "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
         json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -400,3 +423,123 @@ async def test_the_usage_page_shows_quotas_and_what_is_left(portal: Portal) -> N
     assert f"<th scope=\"row\">user alice</th><td>1,000 / day</td><td>{used}</td>" \
            f"<td>{1000 - used:,}</td>" in page.text
     assert "group research</th><td>50,000 / month</td>" in page.text
+
+
+# -- keys: POST/redirect/GET, shown once --------------------------------------------------------
+
+async def test_create_answers_303_and_a_reload_neither_shows_the_key_nor_makes_another(
+    portal: Portal, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    await portal.login("alice", "alice-pw")
+    form = await key_form(portal, "laptop")
+    r = await portal.client.post("/portal/keys/create", data=form)
+    assert r.status_code == 303 and r.content == b""
+    location = r.headers["location"]
+    [view] = keys_named(portal, "alice", "laptop")
+    assert location == f"/portal/keys?created={view.key.id}"
+    first = await portal.client.get(location)
+    key = NEW_KEY.search(first.text).group(1)  # type: ignore[union-attr]
+    assert key.startswith(view.key.prefix) and "Copy it now" in first.text
+    assert key not in location and key not in str(r.headers)
+    # The reload: the same GET again. The list, a note, no value, no second key.
+    again = await portal.client.get(location)
+    assert again.status_code == 200
+    assert key not in again.text and 'id="new-key"' not in again.text
+    assert "was shown once" in again.text and "laptop" in again.text
+    assert len(keys_named(portal, "alice", "laptop")) == 1
+    assert key not in caplog.text
+
+
+async def test_the_same_create_form_posted_twice_makes_one_key(portal: Portal) -> None:
+    await portal.login("alice", "alice-pw")
+    form = await key_form(portal, "twice")
+    # A double click: both posts in flight at once, then a resend of the same form later.
+    a, b = await asyncio.gather(portal.client.post("/portal/keys/create", data=form),
+                                portal.client.post("/portal/keys/create", data=form))
+    c = await portal.client.post("/portal/keys/create", data=form)
+    assert a.status_code == b.status_code == c.status_code == 303
+    assert a.headers["location"] == b.headers["location"] == c.headers["location"]
+    assert len(keys_named(portal, "alice", "twice")) == 1
+    shown = await portal.client.get(a.headers["location"])
+    assert NEW_KEY.search(shown.text) is not None  # the first post's key, still shown once
+    # A fresh form (a new token) is a new key, even with the same name.
+    await create_key(portal, "twice")
+    assert len(keys_named(portal, "alice", "twice")) == 2
+
+
+async def test_a_new_key_is_shown_only_to_the_session_that_made_it(portal: Portal) -> None:
+    await portal.login("alice", "alice-pw")
+    r = await portal.client.post("/portal/keys/create", data=await key_form(portal, "mine"))
+    location = r.headers["location"]
+    mine = portal.client.cookies["fleetgate_session"]
+    # The same user signed in elsewhere (another session) follows the same address.
+    transport = httpx.ASGITransport(app=portal.app, client=("10.9.9.9", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as other:
+        elsewhere = Portal(portal.app, other)
+        assert (await elsewhere.login("alice", "alice-pw")).status_code == 303
+        page = await other.get(location)
+        assert page.status_code == 200 and 'id="new-key"' not in page.text
+    shown = await portal.client.get(location, headers=session(mine))
+    assert NEW_KEY.search(shown.text) is not None
+
+
+async def test_rotate_answers_303_shows_the_new_value_once_and_rotates_once(
+    portal: Portal,
+) -> None:
+    from fleetgate.services import keys as key_svc
+
+    await portal.login("alice", "alice-pw")
+    _, old = await create_key(portal, "rotating")
+    [view] = keys_named(portal, "alice", "rotating")
+    page = await portal.client.get("/portal/keys")
+    rotate_form = re.search(
+        r'action="/portal/keys/rotate".*?name="form_token" value="([^"]+)">'
+        rf'<input type="hidden" name="id" value="{view.key.id}">', page.text, re.S)
+    assert rotate_form is not None
+    form = {"csrf_token": CSRF.search(page.text).group(1),  # type: ignore[union-attr]
+            "form_token": rotate_form.group(1), "id": str(view.key.id)}
+    a, b = await asyncio.gather(portal.client.post("/portal/keys/rotate", data=form),
+                                portal.client.post("/portal/keys/rotate", data=form))
+    assert a.status_code == b.status_code == 303
+    location = a.headers["location"]
+    assert location == b.headers["location"] == f"/portal/keys?rotated={view.key.id}"
+    shown = await portal.client.get(location)
+    new = NEW_KEY.search(shown.text).group(1)  # type: ignore[union-attr]
+    assert new != old and new not in location and "new value of key rotating" in shown.text
+    assert key_svc.get_key(portal.ctx, view.key.id).key.prefix == new[:len(view.key.prefix)]
+    again = await portal.client.get(location)
+    assert new not in again.text and "was shown once" in again.text
+    rotations = [e for e in audit.list_entries(portal.ctx, limit=100)
+                 if e.action == "key.rotate" and e.object_id == str(view.key.id)]
+    assert len(rotations) == 1
+
+
+async def test_bad_create_and_rotate_forms_keep_their_error_pages(portal: Portal) -> None:
+    await portal.login("alice", "alice-pw")
+    form = await key_form(portal, "later", expires="7d")
+    r = await portal.client.post("/portal/keys/create", data=form)
+    assert r.status_code == 400 and "Pick an expiry" in r.text
+    assert r.headers["content-type"].startswith("text/html")
+    # The failed post is not remembered: the same form, put right, makes the key.
+    r = await portal.client.post("/portal/keys/create", data={**form, "expires": "30d"})
+    assert r.status_code == 303 and len(keys_named(portal, "alice", "later")) == 1
+    r = await portal.client.post("/portal/keys/create",
+                                 data=await key_form(portal, " "))
+    assert r.status_code == 400
+    token = await portal.csrf()
+    r = await portal.client.post("/portal/keys/rotate", data={"csrf_token": token, "id": "x"})
+    assert r.status_code == 400 and "No key was chosen" in r.text
+    r = await portal.client.post("/portal/keys/rotate", data={"csrf_token": token, "id": "999"})
+    assert r.status_code == 404
+
+
+async def test_a_made_up_created_address_shows_no_note(portal: Portal) -> None:
+    from fleetgate.services import keys as key_svc
+
+    _, rec = key_svc.create_key(portal.ctx, name="doras", user="dora")
+    await portal.login("alice", "alice-pw")
+    for q in (f"created={rec.id}", "created=nope", "rotated=-1"):
+        page = await portal.client.get(f"/portal/keys?{q}")
+        assert page.status_code == 200 and "was shown once" not in page.text
+        assert "doras" not in page.text

@@ -151,3 +151,118 @@ def test_set_password_and_link_ldap_from_the_cli(tmp_path) -> None:
     assert linked.exit_code == 0 and "linked" in linked.output
     with engine.connect() as c:
         assert c.execute(select(users.c.source).where(users.c.name == "eve")).scalar() == "ldap"
+
+
+# -- one-time values and forms (fleetgate.portal.once) ------------------------------------------
+
+def test_a_flash_value_is_read_once_by_its_own_session_and_key_only() -> None:
+    from fleetgate.portal.once import Flash, session_key
+
+    me, other = session_key("sid-1"), session_key("sid-2")
+    assert me != other and "sid-1" not in me
+    flash = Flash(clock=Clock())
+    flash.put(me, 7, "fg-secret")
+    assert flash.take(other, 7) is None  # another session
+    assert flash.take(me, 8) is None  # another key
+    assert flash.take(me, 7) == "fg-secret"
+    assert flash.take(me, 7) is None  # a reload
+
+
+def test_a_flash_value_goes_after_its_ttl_and_past_the_bound() -> None:
+    from fleetgate.portal.once import Flash
+
+    clock = Clock()
+    flash = Flash(ttl_s=300, max_entries=3, clock=clock)
+    flash.put("s", 1, "one")
+    clock.t += 299
+    assert flash.take("s", 1) == "one"
+    flash.put("s", 2, "two")
+    clock.t += 300
+    assert flash.take("s", 2) is None
+    for i in range(10):
+        flash.put("s", i, f"v{i}")
+    assert len(flash) == 3 and flash.take("s", 0) is None and flash.take("s", 9) == "v9"
+
+
+def test_sign_out_drops_only_that_sessions_values_and_a_secret_hides_its_value() -> None:
+    from fleetgate.portal.once import Flash, Secret
+
+    flash = Flash(clock=Clock())
+    flash.put("a", 1, "fg-a1")
+    flash.put("a", 2, "fg-a2")
+    flash.put("b", 1, "fg-b1")
+    flash.drop("a")
+    assert flash.take("a", 1) is None and flash.take("a", 2) is None
+    assert flash.take("b", 1) == "fg-b1"
+    assert "fg-x" not in repr(Secret("fg-x"))
+
+
+async def test_a_form_posted_twice_is_done_once_even_while_the_first_still_runs() -> None:
+    import asyncio
+
+    from fleetgate.portal.once import Submissions
+
+    subs = Submissions(clock=Clock())
+    done: list[int] = []
+    gate = asyncio.Event()
+
+    async def work() -> str:
+        done.append(1)
+        await gate.wait()
+        return f"/portal/keys?created={len(done)}"
+
+    first = asyncio.create_task(subs.once("s", "tok", work))
+    second = asyncio.create_task(subs.once("s", "tok", work))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await first == await second == "/portal/keys?created=1"
+    assert await subs.once("s", "tok", work) == "/portal/keys?created=1"  # a resend, later
+    assert len(done) == 1
+    # Another token, or another session with the same token, is another form.
+    assert await subs.once("s", "tok2", work) == "/portal/keys?created=2"
+    assert await subs.once("t", "tok", work) == "/portal/keys?created=3"
+
+
+async def test_a_failed_form_is_forgotten_and_a_form_without_a_token_is_just_done() -> None:
+    from fleetgate.errors import InvalidRequest
+    from fleetgate.portal.once import Submissions
+
+    subs = Submissions(clock=Clock())
+    calls: list[str] = []
+
+    async def bad() -> str:
+        calls.append("bad")
+        raise InvalidRequest("Pick an expiry from the list.")
+
+    async def good() -> str:
+        calls.append("good")
+        return "/there"
+
+    with pytest.raises(InvalidRequest):
+        await subs.once("s", "tok", bad)
+    assert await subs.once("s", "tok", good) == "/there"
+    assert len(subs) == 1
+    for token in ("", "x" * 65):  # none, or not one of ours: no memory, no refusal
+        assert await subs.once("s", token, good) == "/there"
+    assert calls == ["bad", "good", "good", "good"] and len(subs) == 1
+
+
+async def test_a_repeated_post_waits_only_so_long_for_the_first() -> None:
+    import asyncio
+
+    from fleetgate.errors import Unavailable
+    from fleetgate.portal.once import Submissions
+
+    subs = Submissions(wait_s=0.05, clock=Clock())
+    gate = asyncio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return "/there"
+
+    first = asyncio.create_task(subs.once("s", "tok", slow))
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable):
+        await subs.once("s", "tok", slow)
+    gate.set()
+    assert await first == "/there"
