@@ -94,6 +94,29 @@ def bucket_head(kind: bytes, capacity: int, level: float) -> bytes:
     return _TEMPLATES[kind] % (capacity, remaining, reset)
 
 
+_BOTH = (
+    b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\n"
+    b"x-ratelimit-reset-requests: %dms\r\nx-ratelimit-limit-tokens: %d\r\n"
+    b"x-ratelimit-remaining-tokens: %d\r\nx-ratelimit-reset-tokens: %dms\r\n"
+)
+
+
+def rate_head(r_cap: int | None, r_level: float, t_cap: int | None, t_level: float) -> bytes:
+    """Both kinds' header lines (a kind whose capacity is None is left out): the same bytes as
+    :func:`bucket_head` for each, in one format when both resets are under a second (every
+    admitted request under a generous limit)."""
+    if r_cap is not None and t_cap is not None:
+        r_s = (r_cap - r_level) * 60.0 / r_cap
+        t_s = (t_cap - t_level) * 60.0 / t_cap
+        if 0 < r_s < 0.999 and 0 < t_s < 0.999:
+            return _BOTH % (
+                r_cap, math.floor(r_level) if r_level > 0 else 0, math.ceil(round(r_s * 1000, 6)),
+                t_cap, math.floor(t_level) if t_level > 0 else 0, math.ceil(round(t_s * 1000, 6)),
+            )
+    head = b"" if r_cap is None else bucket_head(b"requests", r_cap, r_level)
+    return head if t_cap is None else head + bucket_head(b"tokens", t_cap, t_level)
+
+
 def head_lines(headers: dict[str, str]) -> bytes:
     """Headers as header lines (``name: value\r\n`` each)."""
     return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")

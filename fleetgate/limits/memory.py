@@ -19,11 +19,14 @@ import math
 import time
 from collections.abc import Callable
 
+from fleetgate.errors import GatewayError
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import Backend, Failure, Grant, Outcome, refusal
 from fleetgate.limits.buckets import settle_level, wait_s
-from fleetgate.limits.headers import RateView, bucket_head
+from fleetgate.limits.headers import RateView, rate_head
 from fleetgate.limits.spec import Checks, Limits, Quota, Subject
+
+_PLAN_LIMIT = 50_000  # compiled checks kept; past it the cache starts again (they are rebuilt)
 
 
 class _Cell:
@@ -46,6 +49,26 @@ def _level(level: float, at: float, now: float, cap: int) -> float:
     return cap if level > cap else level
 
 
+class _Plan:
+    """One :class:`Checks` compiled against this backend's counters: each subject's cell looked up
+    once, the tpm buckets and concurrency counters a grant settles listed once, and each quota's
+    counter for the current period remembered until the period ends. The admitter keeps one
+    ``Checks`` per (key, model), so a request finds its plan with one dict lookup."""
+
+    __slots__ = ("checks", "rows", "tpm", "conc", "quotas", "periods")
+
+    def __init__(self, checks: Checks, cell: Callable[[Subject], _Cell]) -> None:
+        self.checks = checks
+        self.rows = tuple(
+            (cell(subject), lim.rpm, lim.tpm, lim.max_concurrent) for subject, lim in checks.limits
+        )
+        self.tpm = tuple((c, tpm) for c, _, tpm, _ in self.rows if tpm is not None)
+        self.conc = tuple(c for c, _, _, most in self.rows if most is not None)
+        self.quotas = checks.quotas
+        # Per quota: (period start, period end, its counter), or None until first used.
+        self.periods: list[tuple[float, float, list[int]] | None] = [None] * len(checks.quotas)
+
+
 class _MemoryGrant(Grant):
     __slots__ = ("_tpm", "_conc", "_quota", "_clock")
 
@@ -53,8 +76,8 @@ class _MemoryGrant(Grant):
         self,
         head: bytes,
         cost: int,
-        tpm: list[tuple[_Cell, int]],
-        conc: list[_Cell],
+        tpm: tuple[tuple[_Cell, int], ...],
+        conc: tuple[_Cell, ...],
         quota: list[list[int]],
         clock: Callable[[], float],
     ) -> None:
@@ -94,6 +117,7 @@ class MemoryBackend(Backend):
         self._quota: dict[tuple[Subject, str], list[int]] = {}
         self._periods: set[str] = set()
         self._periods_now = quotas.PeriodKeys()
+        self._plans: dict[int, _Plan] = {}
 
     def _used(self, subject: Subject, period_key: str) -> list[int]:
         cell = self._quota.get((subject, period_key))
@@ -125,18 +149,85 @@ class MemoryBackend(Backend):
         cell = self._quota.get((subject, quotas.period_key(self._wall(), quota.period)))
         return cell[0] if cell else 0
 
+    def _plan(self, checks: Checks) -> _Plan:
+        if len(self._plans) >= _PLAN_LIMIT:
+            self._plans.clear()
+        plan = self._plans[id(checks)] = _Plan(checks, self._cell)
+        return plan
+
+    def _cell(self, subject: Subject) -> _Cell:
+        cell = self._cells.get(subject)
+        if cell is None:
+            cell = self._cells[subject] = _Cell(self._clock())
+        return cell
+
     def admit(self, checks: Checks, cost: int) -> Grant:
+        plan = self._plans.get(id(checks))
+        if plan is None or plan.checks is not checks:  # (an id can be reused once freed)
+            plan = self._plan(checks)
         now = self._clock()
-        cells: list[tuple[_Cell, Limits, float, float]] = []  # cell, limits, rpm/tpm levels now
-        # Decide first, against every counter; take only if all of them allow it. A quota
-        # refusal wins (no retry helps before the reset), then the longest rate wait, then a
-        # concurrency limit.
+        # Decide first, against every counter; take only if all of them allow it.
+        levels: list[tuple[float, float]] = []  # each row's rpm and tpm level now
+        refused = False
+        for cell, rpm, tpm, most in plan.rows:
+            r = t = 0.0
+            if rpm is not None:
+                r = _level(cell.r, cell.r_at, now, rpm)
+                refused = refused or r < 1
+            if tpm is not None:
+                t = _level(cell.t, cell.t_at, now, tpm)
+                refused = refused or t < cost
+            if most is not None and cell.n >= most:
+                refused = True
+            levels.append((r, t))
+        used: list[list[int]] = []
+        wall = 0.0
+        if plan.quotas and not refused:
+            wall = self._wall()
+            for i, (subject, quota) in enumerate(plan.quotas):
+                p = plan.periods[i]
+                if p is None or not p[0] <= wall < p[1]:
+                    key, start, end = self._periods_now.span(quota.period, wall)
+                    p = plan.periods[i] = (start, end, self._used(subject, key))
+                counter = p[2]
+                if counter[0] + cost > quota.tokens:
+                    refused = True
+                    break
+                used.append(counter)
+        if refused:
+            raise self._refusal(checks, cost, now, wall or self._wall())
+        # Take, and find the most restrictive of each kind for the headers as we go.
+        best_r: tuple[float, int] | None = None  # (level after, capacity)
+        best_t: tuple[float, int] | None = None
+        for (cell, rpm, tpm, most), (r, t) in zip(plan.rows, levels, strict=True):
+            if rpm is not None:
+                cell.r, cell.r_at = r - 1, now
+                if best_r is None or (cell.r // 1, rpm) < (best_r[0] // 1, best_r[1]):
+                    best_r = (cell.r, rpm)
+            if tpm is not None:
+                cell.t, cell.t_at = t - cost, now
+                if best_t is None or (cell.t // 1, tpm) < (best_t[0] // 1, best_t[1]):
+                    best_t = (cell.t, tpm)
+            if most is not None:
+                cell.n += 1
+        for counter in used:
+            counter[0] += cost
+        head = rate_head(
+            None if best_r is None else best_r[1], 0.0 if best_r is None else best_r[0],
+            None if best_t is None else best_t[1], 0.0 if best_t is None else best_t[0],
+        ) if best_r is not None or best_t is not None else b""
+        return _MemoryGrant(head, cost, plan.tpm, plan.conc, used, self._clock)
+
+    def _refusal(self, checks: Checks, cost: int, now: float, wall: float) -> GatewayError:
+        """Why a request was refused, with its headers: every counter read again at the same
+        ``now`` and ``wall`` as the decision, so it finds the same refusal. A quota refusal
+        wins (no retry helps before the reset), then the longest rate wait, then a concurrency
+        limit."""
+        views: list[tuple[Limits, float, float]] = []
         rate_fail: tuple[Failure, int, float] | None = None
         conc_fail: int | None = None
         for i, (subject, lim) in enumerate(checks.limits):
-            cell = self._cells.get(subject)
-            if cell is None:
-                cell = self._cells[subject] = _Cell(now)
+            cell = self._cell(subject)
             r = t = 0.0
             if lim.rpm is not None:
                 r = _level(cell.r, cell.r_at, now, lim.rpm)
@@ -152,53 +243,23 @@ class MemoryBackend(Backend):
                         rate_fail = ("tpm", i, w)
             if lim.max_concurrent is not None and cell.n >= lim.max_concurrent and conc_fail is None:
                 conc_fail = i
-            cells.append((cell, lim, r, t))
-        used_cells: list[list[int]] = []
+            views.append((lim, r, t))
         failed: Failure = ""
         index, wait, quota_used = 0, 0.0, 0
-        if checks.quotas:
-            wall = self._wall()
-            for i, (subject, quota) in enumerate(checks.quotas):
-                qc = self._used(subject, self._periods_now.get(quota.period, wall)[0])
-                if qc[0] + cost > quota.tokens:
-                    failed, index, quota_used = "quota", i, qc[0]
-                    break
-                used_cells.append(qc)
+        for i, (subject, quota) in enumerate(checks.quotas):
+            counter = self._used(subject, self._periods_now.get(quota.period, wall)[0])
+            if counter[0] + cost > quota.tokens:
+                failed, index, quota_used = "quota", i, counter[0]
+                break
         if not failed and rate_fail is not None:
             failed, index, wait = rate_fail
         elif not failed and conc_fail is not None:
             failed, index, wait = "concurrency", conc_fail, 1.0
-        if failed:
-            out = Outcome(
-                failed, index, wait,
-                [RateView.of(lim.rpm, r) for _, lim, r, _ in cells if lim.rpm is not None],
-                [RateView.of(lim.tpm, t) for _, lim, _, t in cells if lim.tpm is not None],
-                quota_used,
-            )
-            raise refusal(out, checks, cost, self._wall())
-        # Take, and find the most restrictive of each kind for the headers as we go.
-        best_r: tuple[float, int] | None = None  # (level after, capacity)
-        best_t: tuple[float, int] | None = None
-        tpm: list[tuple[_Cell, int]] = []
-        conc: list[_Cell] = []
-        for cell, lim, r, t in cells:
-            if lim.rpm is not None:
-                cell.r, cell.r_at = r - 1, now
-                if best_r is None or (cell.r // 1, lim.rpm) < (best_r[0] // 1, best_r[1]):
-                    best_r = (cell.r, lim.rpm)
-            if lim.tpm is not None:
-                cell.t, cell.t_at = t - cost, now
-                tpm.append((cell, lim.tpm))
-                if best_t is None or (cell.t // 1, lim.tpm) < (best_t[0] // 1, best_t[1]):
-                    best_t = (cell.t, lim.tpm)
-            if lim.max_concurrent is not None:
-                cell.n += 1
-                conc.append(cell)
-        for qc in used_cells:
-            qc[0] += cost
-        head = b""
-        if best_r is not None:
-            head = bucket_head(b"requests", best_r[1], best_r[0])
-        if best_t is not None:
-            head += bucket_head(b"tokens", best_t[1], best_t[0])
-        return _MemoryGrant(head, cost, tpm, conc, used_cells, self._clock)
+        assert failed, "a refused request must fail a check"
+        out = Outcome(
+            failed, index, wait,
+            [RateView.of(lim.rpm, r) for lim, r, _ in views if lim.rpm is not None],
+            [RateView.of(lim.tpm, t) for lim, _, t in views if lim.tpm is not None],
+            quota_used,
+        )
+        return refusal(out, checks, cost, wall)

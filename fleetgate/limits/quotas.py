@@ -55,6 +55,11 @@ class PeriodKeys:
 
     def get(self, period: Period, now: float) -> tuple[str, float]:
         """(key, end as UNIX seconds) of the period that holds ``now``."""
+        hit = self.span(period, now)
+        return hit[0], hit[2]
+
+    def span(self, period: Period, now: float) -> tuple[str, float, float]:
+        """(key, start, end; both as UNIX seconds) of the period that holds ``now``."""
         hit = self._cache.get(period)
         if hit is None or not hit[1] <= now < hit[2]:
             hit = self._cache[period] = (
@@ -62,7 +67,7 @@ class PeriodKeys:
                 period_start(now, period).timestamp(),
                 period_end(now, period).timestamp(),
             )
-        return hit[0], hit[2]
+        return hit
 
 
 def left(quota: Quota, used: int) -> int:

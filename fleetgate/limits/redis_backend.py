@@ -37,7 +37,7 @@ from typing import Any
 from fleetgate.errors import LimitsUnavailable
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import NO_LIMITS, Backend, Failure, Grant, Outcome, refusal
-from fleetgate.limits.headers import RateView, head_lines
+from fleetgate.limits.headers import RateView, rate_head
 from fleetgate.limits.redis_lua import ADMIT, SETTLE
 from fleetgate.limits.resp import Resp, RespError
 from fleetgate.limits.spec import Checks, Quota, Subject
@@ -276,11 +276,11 @@ class RedisBackend(Backend):
             ) from None
         ok, failure, index, wait, used = int(r[0]), _s(r[1]), int(r[2]), float(r[3]), int(r[4])
         levels = [float(x) for x in r[5:]]
-        reqs = [RateView.of(c, lv) for (_, kind, c), lv in zip(buckets, levels, strict=True)
-                if kind == "rpm"]
-        toks = [RateView.of(c, lv) for (_, kind, c), lv in zip(buckets, levels, strict=True)
-                if kind == "tpm"]
         if not ok:
+            reqs = [RateView.of(c, lv) for (_, kind, c), lv in zip(buckets, levels, strict=True)
+                    if kind == "rpm"]
+            toks = [RateView.of(c, lv) for (_, kind, c), lv in zip(buckets, levels, strict=True)
+                    if kind == "tpm"]
             out = Outcome("", 0, wait, reqs, toks, used)
             if failure == "quota":
                 out.failed, out.index = "quota", index - 1
@@ -290,7 +290,18 @@ class RedisBackend(Backend):
             else:
                 out.failed, out.index = "concurrency", cidx[index - 1]
             raise refusal(out, checks, cost, wall)
-        headers = head_lines(Outcome("", 0, 0.0, reqs, toks).headers())
+        # The most restrictive of each kind (fewest remaining, then the smaller limit), as
+        # most_restrictive() picks it; an admitted request leaves no bucket below zero.
+        best: dict[str, tuple[float, int]] = {}
+        for (_, kind, c), lv in zip(buckets, levels, strict=True):
+            b = best.get(kind)
+            if b is None or (lv // 1, c) < (b[0] // 1, b[1]):
+                best[kind] = (lv, c)
+        r_best, t_best = best.get("rpm"), best.get("tpm")
+        headers = rate_head(
+            None if r_best is None else r_best[1], 0.0 if r_best is None else r_best[0],
+            None if t_best is None else t_best[1], 0.0 if t_best is None else t_best[0],
+        )
         tkeys = [k for k, (_, kind, _) in zip(bkeys, buckets, strict=True) if kind == "tpm"]
         tcaps = [c for _, kind, c in buckets if kind == "tpm"]
         return _RedisGrant(

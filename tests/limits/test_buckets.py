@@ -14,6 +14,7 @@ from fleetgate.limits.headers import (
     head_lines,
     head_pairs,
     most_restrictive,
+    rate_head,
     rate_headers,
     retry_after,
 )
@@ -171,3 +172,26 @@ def test_a_buckets_header_lines_are_what_rate_headers_writes(capacity: int, leve
                             view if kind == "tokens" else None)
         assert head_pairs(fast) == [(k.encode(), v.encode()) for k, v in slow.items()]
         assert fast == head_lines(slow)
+
+
+_CAPS = st.one_of(st.none(), st.integers(1, 10**12))
+_LEVELS = st.floats(-1e13, 1e13, allow_nan=False, allow_infinity=False)
+
+
+@given(r_cap=_CAPS, r_level=_LEVELS, t_cap=_CAPS, t_level=_LEVELS)
+def test_both_kinds_in_one_format_are_each_buckets_lines(
+    r_cap: int | None, r_level: float, t_cap: int | None, t_level: float
+) -> None:
+    both = rate_head(r_cap, r_level, t_cap, t_level)
+    one_by_one = (b"" if r_cap is None else bucket_head(b"requests", r_cap, r_level)) + (
+        b"" if t_cap is None else bucket_head(b"tokens", t_cap, t_level))
+    assert both == one_by_one
+
+
+def test_one_format_covers_resets_under_a_second_at_its_edges() -> None:
+    # A bucket 1 token short of full at 60,000/minute resets in 1 ms; at 61/minute in 984 ms.
+    assert rate_head(60_000, 59_999.0, 61, 60.0) == (
+        bucket_head(b"requests", 60_000, 59_999.0) + bucket_head(b"tokens", 61, 60.0))
+    assert b"reset-tokens: 984ms" in rate_head(60_000, 59_999.0, 61, 60.0)
+    # A reset of a second or more is written as Go's duration, by the one-by-one path.
+    assert b"reset-tokens: 1s" in rate_head(60_000, 59_999.0, 60, 59.0)
