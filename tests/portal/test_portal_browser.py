@@ -4,7 +4,9 @@ real ``fleetgate serve`` (a simulator behind it) and a real slapd.
 A user who exists only in the directory signs in, creates a key, copies the example code from
 the Get started page (through the page's own Copy button and the clipboard), runs it unchanged
 with the official ``openai`` client, sees the request on the usage page, revokes the key and sees
-the client fail with ``AuthenticationError``. An admin (a local account whose password was set
+the client fail with ``AuthenticationError``. Creating and rotating a key are POST/redirect/GET:
+a reload shows the list without the value and makes or rotates nothing, and the same form sent
+twice makes one key. An admin (a local account whose password was set
 with ``fleetgate users set-password``) sees the admin pages. Screenshots of the main pages are
 taken on every run; with ``FLEETGATE_SCREENSHOTS=1`` they replace ``docs/img/portal-*.png`` (the
 README's), otherwise they go to a temporary folder, so a test run leaves the tree clean.
@@ -13,6 +15,7 @@ README's), otherwise they go to a temporary folder, so a test run leaves the tre
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -137,11 +140,15 @@ def test_an_ldap_only_user_goes_from_sign_in_to_a_working_openai_call(
     page.get_by_label("Name").fill("laptop")
     page.get_by_label("Expires after").select_option("90d")
     page.get_by_role("button", name="Create key").click()
+    page.wait_for_url(re.compile(r".*/portal/keys\?created=\d+$"))  # POST, 303, GET
     key = page.locator("#new-key").inner_text().strip()
-    assert key.startswith("fg-")
+    assert key.startswith("fg-") and key not in page.url
     page.locator("button.copy[data-copy=new-key]").click()
     assert page.evaluate("navigator.clipboard.readText()") == key
     shot(page, "keys", mask=[page.locator("#new-key")])
+    page.reload()  # a reload repeats the GET, not the form: no second key, no value
+    assert key not in page.content() and page.locator("#shown-once").is_visible()
+    assert key_rows(page, "laptop") == 1
     page.goto(url + "/portal/keys")  # any later visit: the key is gone for good
     assert key not in page.content()
 
@@ -195,6 +202,52 @@ def test_an_ldap_only_user_goes_from_sign_in_to_a_working_openai_call(
     page.wait_for_url(url + "/portal/login")
     page.goto(url + "/portal/keys")
     assert page.url.endswith("/portal/login")
+
+
+def key_rows(page: Any, name: str) -> int:
+    """How many rows of the keys table are a key with this name."""
+    return int(page.locator("table tbody th[scope=row]", has_text=re.compile(
+        f"^{re.escape(name)}$")).count())
+
+
+def test_reload_and_double_click_make_one_key_and_rotate_once(
+    stack: dict[str, Any], browser: Any
+) -> None:
+    url = stack["url"]
+    page = new_page(browser, url)
+    sign_in(page, url, "carol", "carol-pw")
+    page.goto(url + "/portal/keys")
+    page.get_by_label("Name").fill("double")
+    # A double click whose two posts both got out: Chromium itself drops the first
+    # navigation when the second click comes fast, so send the very form twice at once.
+    statuses = page.evaluate("""async () => {
+        const f = document.querySelector('form[action="/portal/keys/create"]');
+        const post = () => fetch(f.action, {method: "POST", redirect: "manual",
+                                            body: new URLSearchParams(new FormData(f))});
+        return (await Promise.all([post(), post()])).map(r => r.type);
+    }""")
+    assert statuses == ["opaqueredirect", "opaqueredirect"]  # both answered 303
+    page.get_by_role("button", name="Create key").click()  # the same form, a third time
+    page.wait_for_url(re.compile(r".*/portal/keys\?created=\d+$"))
+    key = page.locator("#new-key").inner_text().strip()
+    assert key.startswith("fg-")
+    assert key_rows(page, "double") == 1
+    page.reload()
+    assert key not in page.content() and key_rows(page, "double") == 1
+    assert "was shown once" in page.locator("#shown-once").inner_text()
+
+    # Rotate: the new value once, then a reload rotates nothing.
+    prefix = page.locator("table tbody tr", has_text="double").locator("code").inner_text()
+    page.get_by_role("button", name="Rotate key double").click()
+    page.wait_for_url(re.compile(r".*/portal/keys\?rotated=\d+$"))
+    new = page.locator("#new-key").inner_text().strip()
+    assert new.startswith("fg-") and new != key and new not in page.url
+    rotated = page.locator("table tbody tr", has_text="double").locator("code").inner_text()
+    assert rotated != prefix and new.startswith(rotated.rstrip("…"))
+    page.reload()
+    assert new not in page.content() and page.locator("#shown-once").is_visible()
+    after = page.locator("table tbody tr", has_text="double").locator("code").inner_text()
+    assert after == rotated and key_rows(page, "double") == 1
 
 
 def test_an_admin_sees_the_fleet_and_the_audit_log(
