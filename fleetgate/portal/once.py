@@ -10,7 +10,7 @@ travelling in a URL (browser history, proxy logs, ``Referer``):
   value's holder (the session that made it) can read it; nothing here logs a value, and a
   :class:`Secret`'s ``repr`` hides it.
 - :class:`Submissions` remembers each form's one-time token (a hidden ``form_token`` field, a
-  fresh one in every rendered form) per session: a second post of the same form (a double
+  fresh one in every rendered form) per session and form (the action and its object): a second post of the same form (a double
   click, a resend) is answered with where the first one went, after waiting for it if it is
   still running, instead of doing it twice. A first post that failed is forgotten, so the same
   form may be sent again; a post without a token is simply done.
@@ -127,23 +127,27 @@ class Flash:
 
 
 class Submissions:
-    """Forms already posted, by (session, form token): the answer of the first post is reused."""
+    """Forms already posted, by (session, form, token): the answer of the first post is reused."""
 
     def __init__(self, *, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES,
                  wait_s: float = WAIT_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.wait_s = wait_s
-        self._posts: _Expiring[tuple[str, str], asyncio.Future[str | None]] = _Expiring(
+        self._posts: _Expiring[tuple[str, str, str], asyncio.Future[str | None]] = _Expiring(
             ttl_s, max_entries, clock)
 
-    async def once(self, session: str, token: str, work: Callable[[], Awaitable[str]]) -> str:
-        """Where to send the browser: ``work()``'s answer, or the first post's for this token.
+    async def once(self, session: str, form: str, token: str,
+                   work: Callable[[], Awaitable[str]]) -> str:
+        """Where to send the browser: ``work()``'s answer, or the first post's of this form.
+
+        ``form`` names what the form does (``create``, ``rotate 7``), so a token sent back
+        with another action or key is another form.
 
         A first post that raised is forgotten, so a post that waited for it, or the same form
         sent again later, is done as a first post (and fails the same way if it must).
         """
         if not token or len(token) > MAX_TOKEN:
             return await work()
-        key = (session, token)
+        key = (session, form, token)
         first = self._posts.get(key)
         while first is not None:
             try:

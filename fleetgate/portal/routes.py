@@ -398,7 +398,7 @@ class PortalRoutes:
             return f"{P}/keys?created={rec.id}"
 
         await self._redirect(page.req, await self.submissions.once(
-            page.session, page.field("form_token"), create))
+            page.session, "create", page.field("form_token"), create))
 
     def _key_id(self, page: Page) -> int:
         try:
@@ -417,7 +417,7 @@ class PortalRoutes:
             return f"{P}/keys?rotated={kid}"
 
         await self._redirect(page.req, await self.submissions.once(
-            page.session, page.field("form_token"), rotate))
+            page.session, f"rotate {kid}", page.field("form_token"), rotate))
 
     async def _key_revoke(self, page: Page) -> None:
         who, ctx, kid = page.who, self._ctx(page.who), self._key_id(page)

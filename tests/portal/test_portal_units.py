@@ -211,16 +211,18 @@ async def test_a_form_posted_twice_is_done_once_even_while_the_first_still_runs(
         await gate.wait()
         return f"/portal/keys?created={len(done)}"
 
-    first = asyncio.create_task(subs.once("s", "tok", work))
-    second = asyncio.create_task(subs.once("s", "tok", work))
+    first = asyncio.create_task(subs.once("s", "create", "tok", work))
+    second = asyncio.create_task(subs.once("s", "create", "tok", work))
     await asyncio.sleep(0)
     gate.set()
     assert await first == await second == "/portal/keys?created=1"
-    assert await subs.once("s", "tok", work) == "/portal/keys?created=1"  # a resend, later
+    # A resend, later.
+    assert await subs.once("s", "create", "tok", work) == "/portal/keys?created=1"
     assert len(done) == 1
-    # Another token, or another session with the same token, is another form.
-    assert await subs.once("s", "tok2", work) == "/portal/keys?created=2"
-    assert await subs.once("t", "tok", work) == "/portal/keys?created=3"
+    # Another token, or the same token from another session or for another form, is new.
+    assert await subs.once("s", "create", "tok2", work) == "/portal/keys?created=2"
+    assert await subs.once("t", "create", "tok", work) == "/portal/keys?created=3"
+    assert await subs.once("s", "rotate 1", "tok", work) == "/portal/keys?created=4"
 
 
 async def test_a_failed_form_is_forgotten_and_a_form_without_a_token_is_just_done() -> None:
@@ -239,11 +241,11 @@ async def test_a_failed_form_is_forgotten_and_a_form_without_a_token_is_just_don
         return "/there"
 
     with pytest.raises(InvalidRequest):
-        await subs.once("s", "tok", bad)
-    assert await subs.once("s", "tok", good) == "/there"
+        await subs.once("s", "create", "tok", bad)
+    assert await subs.once("s", "create", "tok", good) == "/there"
     assert len(subs) == 1
     for token in ("", "x" * 65):  # none, or not one of ours: no memory, no refusal
-        assert await subs.once("s", token, good) == "/there"
+        assert await subs.once("s", "create", token, good) == "/there"
     assert calls == ["bad", "good", "good", "good"] and len(subs) == 1
 
 
@@ -260,9 +262,9 @@ async def test_a_repeated_post_waits_only_so_long_for_the_first() -> None:
         await gate.wait()
         return "/there"
 
-    first = asyncio.create_task(subs.once("s", "tok", slow))
+    first = asyncio.create_task(subs.once("s", "create", "tok", slow))
     await asyncio.sleep(0)
     with pytest.raises(Unavailable):
-        await subs.once("s", "tok", slow)
+        await subs.once("s", "create", "tok", slow)
     gate.set()
     assert await first == "/there"
