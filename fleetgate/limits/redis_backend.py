@@ -39,45 +39,112 @@ from fleetgate.limits import quotas
 from fleetgate.limits.backend import NO_LIMITS, Backend, Failure, Grant, Outcome, refusal
 from fleetgate.limits.headers import RateView, rate_head
 from fleetgate.limits.redis_lua import ADMIT, SETTLE
-from fleetgate.limits.resp import Resp, RespError
+from fleetgate.limits.resp import Resp, RespError, encode
 from fleetgate.limits.spec import Checks, Quota, Subject
 
 log = logging.getLogger("fleetgate.limits")
 
 _QUOTA_GRACE_S = 2 * 86400
+_PLAN_LIMIT = 50_000  # compiled checks kept; past it the cache starts again
 
 
 def _sid(s: Subject) -> str:
     return f"{s.kind}:{s.id}"
 
 
-class _RedisGrant(Grant):
-    __slots__ = ("_backend", "_keys", "_caps", "_nq", "_nc")
+def _bulk(value: int) -> bytes:
+    """One integer as a RESP bulk string (what :func:`fleetgate.limits.resp.encode` writes)."""
+    digits = b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(digits), digits)
 
-    def __init__(
-        self,
-        head: bytes,
-        cost: int,
-        backend: RedisBackend,
-        keys: list[str],
-        caps: list[int],
-        nq: int,
-        nc: int,
-    ) -> None:
+
+class _Plan:
+    """One :class:`Checks` compiled for this backend, for the quota periods that hold now: the
+    keys, the script arguments, and both scripts' commands already encoded, but for the
+    request's cost (admit) and its refund and settle id (settle). ``admit`` joins the admit
+    command's pieces with the cost; nothing else is formatted per request."""
+
+    __slots__ = (
+        "checks", "valid_from", "valid_until", "buckets", "cidx", "wall", "admit_parts",
+        "tcaps", "nq", "nc", "settle_head", "settle_tail",
+    )
+
+    def __init__(self, b: RedisBackend, checks: Checks, wall: float) -> None:
+        p = b.prefix
+        self.checks = checks
+        self.buckets: list[tuple[int, Failure, int]] = []  # (limit index, kind, capacity)
+        bkeys: list[str] = []
+        args: list[Any] = [_COST, b.process_id, b._alive_prefix, 0]
+        for i, (subject, lim) in enumerate(checks.limits):
+            if lim.rpm is not None:
+                self.buckets.append((i, "rpm", lim.rpm))
+                bkeys.append(f"{p}b:r:{_sid(subject)}")
+                args += [lim.rpm, 1]
+            if lim.tpm is not None:
+                self.buckets.append((i, "tpm", lim.tpm))
+                bkeys.append(f"{p}b:t:{_sid(subject)}")
+                args += [lim.tpm, _COST]
+        args[3] = len(self.buckets)
+        qkeys: list[str] = []
+        args.append(len(checks.quotas))
+        self.valid_from, self.valid_until = -math.inf, math.inf
+        for subject, quota in checks.quotas:
+            pk, start, end = b._periods_now.span(quota.period, wall)
+            self.valid_from, self.valid_until = max(self.valid_from, start), min(self.valid_until, end)
+            qkeys.append(f"{p}q:{_sid(subject)}:{pk}")
+            args += [quota.tokens, int(end) + _QUOTA_GRACE_S]
+        ckeys = [f"{p}c:{_sid(s)}" for s, lim in checks.limits if lim.max_concurrent is not None]
+        self.cidx = [i for i, (_, lim) in enumerate(checks.limits) if lim.max_concurrent is not None]
+        args.append(len(ckeys))
+        args += [lim.max_concurrent for _, lim in checks.limits if lim.max_concurrent is not None]
+        keys = bkeys + qkeys + ckeys
+        # The admit command, cut where the cost goes (at a marker no UTF-8 key can hold).
+        marker = b"\xff\xfecost\xff"
+        whole = encode(("EVALSHA", b._admit, len(keys), *keys,
+                        *(marker if a is _COST else a for a in args)))
+        self.admit_parts = whole.split(_bulk_bytes(marker))
+        # The settle command: KEYS tpm buckets, quotas, concurrency hashes, then the settle id;
+        # ARGV refund, process id, the tpm capacities, nq, nc. The id and the refund are the
+        # request's own, one after the other.
+        tkeys = [k for k, (_, kind, _) in zip(bkeys, self.buckets, strict=True) if kind == "tpm"]
+        self.tcaps = [c for _, kind, c in self.buckets if kind == "tpm"]
+        self.nq, self.nc = len(qkeys), len(ckeys)
+        skeys = tkeys + qkeys + ckeys
+        head = encode(("EVALSHA", b._settle, len(skeys) + 1, *skeys))
+        tail = encode((b.process_id, len(self.tcaps), *self.tcaps, self.nq, self.nc))
+        # encode() writes the array length first: fix both halves' counts into one array.
+        n = 3 + len(skeys) + 1 + 1 + 2 + len(self.tcaps) + 2
+        self.settle_head = b"*%d\r\n" % n + head.split(b"\r\n", 1)[1]
+        self.settle_tail = tail.split(b"\r\n", 1)[1]
+
+    def current(self, checks: Checks, wall: float) -> bool:
+        return self.checks is checks and self.valid_from <= wall < self.valid_until
+
+
+_COST = object()  # where the request's cost goes in a plan's admit arguments
+
+
+def _bulk_bytes(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+class _RedisGrant(Grant):
+    __slots__ = ("_backend", "_plan")
+
+    def __init__(self, head: bytes, cost: int, backend: RedisBackend, plan: _Plan) -> None:
         super().__init__(head, cost)
         self._backend = backend
-        self._keys = keys
-        self._caps = caps
-        self._nq = nq
-        self._nc = nc
+        self._plan = plan
 
     def _settle(self, actual: int) -> None:
         refund = self.cost - actual
-        if refund == 0 and not self._nc:
+        plan = self._plan
+        if refund == 0 and not plan.nc:
             return
         b = self._backend
-        args: list[Any] = [refund, b.process_id, len(self._caps), *self._caps, self._nq, self._nc]
-        b.enqueue_settle([*self._keys, f"{b.prefix}s:{b.process_id}:{next(b.settle_ids)}"], args)
+        settle_id = f"{b.prefix}s:{b.process_id}:{next(b.settle_ids)}".encode()
+        b.enqueue_settle(
+            plan.settle_head + _bulk_bytes(settle_id) + _bulk(refund) + plan.settle_tail)
 
 
 class RedisBackend(Backend):
@@ -108,7 +175,8 @@ class RedisBackend(Backend):
         self._client: Resp | None = None
         self._admit = b""  # the scripts' SHA1s, once registered
         self._settle = b""
-        self._pending: collections.deque[tuple[list[str], list[Any]]] = collections.deque()
+        self._pending: collections.deque[bytes] = collections.deque()  # settle commands
+        self._plans: dict[int, _Plan] = {}
         self._max_pending = max_pending_settles
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -183,13 +251,13 @@ class RedisBackend(Backend):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.process_ttl_s / 3)
 
-    def enqueue_settle(self, keys: list[str], args: list[Any]) -> None:
+    def enqueue_settle(self, command: bytes) -> None:
         if len(self._pending) >= self._max_pending:
             # Bounded: with Redis gone for long, its counters are wrong anyway (fail closed
             # refuses everything; fail open counts nothing).
             self._loud("dropped", "too many settles pending (Redis unreachable?): dropping this one")
             return
-        self._pending.append((keys, args))
+        self._pending.append(command)
         self._wake.set()
 
     async def flush(self) -> None:
@@ -199,7 +267,7 @@ class RedisBackend(Backend):
         async with self._flush_lock:
             while self._pending:
                 batch = [self._pending[i] for i in range(min(256, len(self._pending)))]
-                replies = await self._connect().evalsha_many(self._settle, batch)
+                replies = await self._connect().evalsha_encoded(self._settle, batch)
                 for r in replies:
                     if isinstance(r, RespError):
                         raise r
@@ -239,33 +307,15 @@ class RedisBackend(Backend):
         return self._admit_async(checks, cost)
 
     async def _admit_async(self, checks: Checks, cost: int) -> Grant:
-        p = self.prefix
-        buckets: list[tuple[int, Failure, int]] = []  # (limit index, kind, capacity)
-        bkeys: list[str] = []
-        args: list[Any] = [cost, self.process_id, self._alive_prefix, 0]
-        for i, (subject, lim) in enumerate(checks.limits):
-            if lim.rpm is not None:
-                buckets.append((i, "rpm", lim.rpm))
-                bkeys.append(f"{p}b:r:{_sid(subject)}")
-                args += [lim.rpm, 1]
-            if lim.tpm is not None:
-                buckets.append((i, "tpm", lim.tpm))
-                bkeys.append(f"{p}b:t:{_sid(subject)}")
-                args += [lim.tpm, cost]
-        args[3] = len(buckets)
+        client = self._connect()  # (registers the scripts a plan's commands name)
         wall = time.time()
-        qkeys: list[str] = []
-        args.append(len(checks.quotas))
-        for subject, quota in checks.quotas:
-            pk, end = self._periods_now.get(quota.period, wall)
-            qkeys.append(f"{p}q:{_sid(subject)}:{pk}")
-            args += [quota.tokens, int(end) + _QUOTA_GRACE_S]
-        ckeys = [f"{p}c:{_sid(s)}" for s, lim in checks.limits if lim.max_concurrent is not None]
-        cidx = [i for i, (_, lim) in enumerate(checks.limits) if lim.max_concurrent is not None]
-        args.append(len(ckeys))
-        args += [lim.max_concurrent for _, lim in checks.limits if lim.max_concurrent is not None]
+        plan = self._plans.get(id(checks))
+        if plan is None or not plan.current(checks, wall):
+            if len(self._plans) >= _PLAN_LIMIT:
+                self._plans.clear()
+            plan = self._plans[id(checks)] = _Plan(self, checks, wall)
         try:
-            r = await self._connect().evalsha(self._admit, bkeys + qkeys + ckeys, args)
+            r = await client.evalsha_one(self._admit, _bulk(cost).join(plan.admit_parts))
         except (RespError, OSError) as e:
             if self.fail_open:
                 self._loud("admit", f"Redis unreachable, letting requests through UNCOUNTED: {e}")
@@ -274,9 +324,10 @@ class RedisBackend(Backend):
             raise LimitsUnavailable(
                 "The gateway can't reach its limits store; try again shortly.", retry_after=2
             ) from None
-        ok, failure, index, wait, used = int(r[0]), _s(r[1]), int(r[2]), float(r[3]), int(r[4])
+        buckets = plan.buckets
         levels = [float(x) for x in r[5:]]
-        if not ok:
+        if not int(r[0]):
+            failure, index, wait, used = _s(r[1]), int(r[2]), float(r[3]), int(r[4])
             reqs = [RateView.of(c, lv) for (_, kind, c), lv in zip(buckets, levels, strict=True)
                     if kind == "rpm"]
             toks = [RateView.of(c, lv) for (_, kind, c), lv in zip(buckets, levels, strict=True)
@@ -288,25 +339,23 @@ class RedisBackend(Backend):
                 li, kind, _ = buckets[index - 1]
                 out.failed, out.index = kind, li
             else:
-                out.failed, out.index = "concurrency", cidx[index - 1]
+                out.failed, out.index = "concurrency", plan.cidx[index - 1]
             raise refusal(out, checks, cost, wall)
         # The most restrictive of each kind (fewest remaining, then the smaller limit), as
         # most_restrictive() picks it; an admitted request leaves no bucket below zero.
-        best: dict[str, tuple[float, int]] = {}
+        r_best: tuple[float, int] | None = None
+        t_best: tuple[float, int] | None = None
         for (_, kind, c), lv in zip(buckets, levels, strict=True):
-            b = best.get(kind)
-            if b is None or (lv // 1, c) < (b[0] // 1, b[1]):
-                best[kind] = (lv, c)
-        r_best, t_best = best.get("rpm"), best.get("tpm")
+            if kind == "rpm":
+                if r_best is None or (lv // 1, c) < (r_best[0] // 1, r_best[1]):
+                    r_best = (lv, c)
+            elif t_best is None or (lv // 1, c) < (t_best[0] // 1, t_best[1]):
+                t_best = (lv, c)
         headers = rate_head(
             None if r_best is None else r_best[1], 0.0 if r_best is None else r_best[0],
             None if t_best is None else t_best[1], 0.0 if t_best is None else t_best[0],
         )
-        tkeys = [k for k, (_, kind, _) in zip(bkeys, buckets, strict=True) if kind == "tpm"]
-        tcaps = [c for _, kind, c in buckets if kind == "tpm"]
-        return _RedisGrant(
-            headers, cost, self, tkeys + qkeys + ckeys, tcaps, len(qkeys), len(ckeys)
-        )
+        return _RedisGrant(headers, cost, self, plan)
 
     # -- reading, for reports and tests ---------------------------------------------------------
 

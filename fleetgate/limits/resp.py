@@ -290,6 +290,9 @@ class Resp:
         return conn
 
     def _send(self, conn: _Conn, args: tuple[Any, ...] | list[Any]) -> asyncio.Future[Reply]:
+        return self._send_encoded(conn, encode(args))
+
+    def _send_encoded(self, conn: _Conn, command: bytes) -> asyncio.Future[Reply]:
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         if conn.lost is not None or conn.transport is None:
             fut.set_exception(ConnectionError("the connection to Redis was lost"))
@@ -298,7 +301,7 @@ class Resp:
             fut.set_exception(ConnectionError("too many Redis commands in flight"))
             return fut
         conn.waiting.append((fut, time.monotonic() + self.timeout_s))
-        conn.queue(encode(args))
+        conn.queue(command)
         return fut
 
     def _sweep_later(self) -> None:
@@ -324,15 +327,7 @@ class Resp:
 
     async def many(self, commands: list[tuple[Any, ...]]) -> list[Reply | RespError]:
         """Send commands back to back (a pipeline); every reply or error, in order."""
-        conn = self._conn or await self._connect()
-        futs = [self._send(conn, c) for c in commands]
-        out: list[Reply | RespError] = []
-        for f in futs:
-            try:
-                out.append(await f)
-            except RespError as e:
-                out.append(e)
-        return out
+        return await self._many_encoded([encode(c) for c in commands])
 
     def script(self, source: str) -> bytes:
         """Register a Lua script; its SHA1, for :meth:`evalsha`."""
@@ -341,24 +336,46 @@ class Resp:
         return sha
 
     async def evalsha(self, sha: bytes, keys: list[str], args: list[Any]) -> Reply:
-        cmd = ("EVALSHA", sha, len(keys), *keys, *args)
-        try:
-            return await self.call(*cmd)
-        except RespError as e:
-            if not str(e).startswith("NOSCRIPT"):
-                raise
-        await self.call("SCRIPT", "LOAD", self._scripts[sha])
-        return await self.call(*cmd)
+        return await self.evalsha_one(sha, encode(("EVALSHA", sha, len(keys), *keys, *args)))
+
+    async def evalsha_one(self, sha: bytes, command: bytes) -> Reply:
+        """One run of a script the caller encoded itself (as :func:`encode` writes
+        ``EVALSHA sha ...``); loads the script first if Redis lacks it."""
+        for attempt in (0, 1):
+            conn = self._conn or await self._connect()
+            try:
+                return await self._send_encoded(conn, command)
+            except RespError as e:
+                if attempt or not str(e).startswith("NOSCRIPT"):
+                    raise
+            await self.call("SCRIPT", "LOAD", self._scripts[sha])
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def evalsha_many(
         self, sha: bytes, calls: list[tuple[list[str], list[Any]]]
     ) -> list[Reply | RespError]:
         """Many runs of one script, pipelined; loads the script first if Redis lacks it."""
-        cmds = [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
-        out = await self.many(cmds)
+        return await self.evalsha_encoded(
+            sha, [encode(("EVALSHA", sha, len(k), *k, *a)) for k, a in calls])
+
+    async def evalsha_encoded(self, sha: bytes, commands: list[bytes]) -> list[Reply | RespError]:
+        """:meth:`evalsha_many` for commands the caller encoded itself (``EVALSHA`` of ``sha``,
+        as :func:`encode` writes it): every reply or error, in order."""
+        out = await self._many_encoded(commands)
         if any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT") for r in out):
             await self.call("SCRIPT", "LOAD", self._scripts[sha])
-            out = await self.many(cmds)
+            out = await self._many_encoded(commands)
+        return out
+
+    async def _many_encoded(self, commands: list[bytes]) -> list[Reply | RespError]:
+        conn = self._conn or await self._connect()
+        futs = [self._send_encoded(conn, c) for c in commands]
+        out: list[Reply | RespError] = []
+        for f in futs:
+            try:
+                out.append(await f)
+            except RespError as e:
+                out.append(e)
         return out
 
     async def aclose(self) -> None:
