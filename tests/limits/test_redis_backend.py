@@ -230,3 +230,67 @@ async def test_redis_back_after_an_outage_counts_again_and_pending_settles_go_ou
     finally:
         if b is not None:
             await b.close()
+
+
+async def test_a_day_quota_rolls_over_at_midnight_with_the_same_checks(
+    redis_srv: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled checks name the period's quota key; a request after midnight must count
+    against the new day, and a grant from before midnight settles into the day it was charged."""
+    import datetime as dt
+
+    from fleetgate.errors import QuotaExceeded
+    from fleetgate.limits import redis_backend
+    from fleetgate.limits.spec import Quota
+
+    now = [dt.datetime(2026, 11, 24, 23, 59, 0, tzinfo=dt.UTC).timestamp()]
+
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return now[0]
+
+    monkeypatch.setattr(redis_backend, "time", Clock)
+    q = Quota(1000, "day")
+    checks = Checks.of([(ALICE, Limits(tpm=10_000))], [(ALICE, q)])
+    b = RedisBackend(url=redis_srv.url, prefix=prefix())
+    try:
+        late = await resolve(b.admit(checks, 600))
+        with pytest.raises(QuotaExceeded):
+            await resolve(b.admit(checks, 600))  # 600 + 600 > 1000 today
+        now[0] += 120  # 00:01 the next day
+        early = await resolve(b.admit(checks, 600))  # a new day's counter
+        assert await b.quota_used(ALICE, q) == 600
+        late.settle(50, 50)  # used 100 of the 600 it was charged, yesterday
+        early.settle(300, 0)
+        await b.flush()
+        assert await b.quota_used(ALICE, q) == 300  # today: only the second request
+        now[0] -= 120
+        assert await b.quota_used(ALICE, q) == 100  # yesterday: the first, settled
+    finally:
+        await b.close()
+
+
+async def test_settles_pre_encoded_for_several_subjects_refund_each(
+    redis_srv: RedisServer,
+) -> None:
+    """Two tpm buckets, a concurrency cap and a quota in one compiled settle command: the refund
+    reaches every one of them and the slot is released."""
+    from fleetgate.limits.spec import Quota
+
+    pfx = prefix()
+    checks = Checks.of([(ALICE, Limits(tpm=1000, max_concurrent=2)), (TEAM, Limits(tpm=5000))],
+                       [(TEAM, Quota(10_000, "month"))])
+    b = RedisBackend(url=redis_srv.url, prefix=pfx)
+    try:
+        g = await resolve(b.admit(checks, 900))
+        assert g.headers["x-ratelimit-remaining-tokens"] == "100"  # ALICE's: the tighter one
+        assert await b.in_flight(ALICE) == 1
+        g.settle(100, 0)  # 800 back to both buckets and the quota
+        await b.flush()
+        assert await b.in_flight(ALICE) == 0
+        assert await b.quota_used(TEAM, Quota(10_000, "month")) == 100
+        g2 = await resolve(b.admit(checks, 900))  # fits only if ALICE's bucket got 800 back
+        assert int(g2.headers["x-ratelimit-remaining-tokens"]) >= 0
+    finally:
+        await b.close()
