@@ -37,11 +37,13 @@ EXCHANGE = "fleetgate.exchange"
 
 
 class Responder(Protocol):
-    """What the relay needs: start the response, then write its body."""
+    """What the relay needs: start the response, then write its body; or send a whole one."""
 
     async def start(self, status: int, headers: RawHeaders) -> None: ...
 
     async def write(self, data: bytes, more: bool = False) -> None: ...
+
+    async def respond(self, status: int, headers: RawHeaders, body: bytes) -> None: ...
 
 
 class Exchange(Responder, Protocol):
@@ -88,6 +90,10 @@ class AsgiExchange:
 
     async def write(self, data: bytes, more: bool = False) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def respond(self, status: int, headers: RawHeaders, body: bytes) -> None:
+        await self.start(status, headers)
+        await self.write(body)
 
     def on_gone(self, fire: Callable[[], None] | None, watch_delay_s: float = 0.25) -> None:
         self._fire = fire

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fleetgate.api.exchange import Exchange
 from fleetgate.auth.authn import Authenticator
@@ -51,7 +51,7 @@ from fleetgate.fleet.balancer import affinity_key
 from fleetgate.fleet.pool import Lease, Pool
 from fleetgate.limits.backend import Grant
 from fleetgate.limits.backend import create as create_backend
-from fleetgate.limits.fairshare import Slot, abandon
+from fleetgate.limits.fairshare import FairGate, Slot, abandon
 from fleetgate.proxy.client import ClientGone, Upstream
 from fleetgate.proxy.relay import relay_stream, relay_whole
 from fleetgate.proxy.usage_tap import UsageTap
@@ -105,18 +105,20 @@ class Pipeline:
             )
         return route
 
-    async def admit(self, principal: Principal, route: ModelRoute, req: ParsedRequest) -> Grant:
+    def admit(
+        self, principal: Principal, route: ModelRoute, req: ParsedRequest
+    ) -> Grant | Awaitable[Grant]:
         """Caps (400), then every rate limit, concurrency cap and quota that applies (429),
-        in one backend call; nothing to check costs a dict lookup."""
-        granted = self.admitter.admit(principal, route, req)
-        return granted if isinstance(granted, Grant) else await granted
+        in one backend call; nothing to check costs a dict lookup. The memory backend decides
+        at once; await what isn't a Grant yet (Redis)."""
+        return self.admitter.admit(principal, route, req)
 
-    async def queue(
+    def queue(
         self, principal: Principal, route: ModelRoute, head: StreamHead | None, gone: ClientGone
-    ) -> Slot | None:
+    ) -> Slot | None | Awaitable[Slot | None]:
         """Fair share: a slot on a model with ``max_inflight_per_replica``, waiting in the
-        caller's queue when they are all taken. None when the model has no gate (or the client
-        left while queued)."""
+        caller's queue when they are all taken (await what isn't a Slot yet). None when the
+        model has no gate (or the client left while queued)."""
         gate = self.admitter.gate(route)
         if gate is None:
             return None
@@ -124,6 +126,16 @@ class Pipeline:
         slot = gate.try_acquire()
         if slot is not None:
             return slot
+        return self._wait_in_queue(gate, principal, route, head, gone)
+
+    async def _wait_in_queue(
+        self,
+        gate: FairGate,
+        principal: Principal,
+        route: ModelRoute,
+        head: StreamHead | None,
+        gone: ClientGone,
+    ) -> Slot | None:
         waiting = asyncio.ensure_future(gate.acquire(principal.user, principal.weight))
         try:
             slot = await wait_with_keepalive(
@@ -136,7 +148,24 @@ class Pipeline:
             abandon(waiting)
         return slot
 
-    async def acquire(
+    def acquire(
+        self,
+        principal: Principal,
+        route: ModelRoute,
+        affinity: bytes | None,
+        head: StreamHead | None,
+        gone: ClientGone,
+    ) -> Lease | Awaitable[Lease | None]:
+        """A lease on a ready replica, or (await it) the wait through a cold start if the model
+        says so, None when the client left while waiting."""
+        try:
+            return self.pool.acquire(route.name, affinity_key=affinity)
+        except Unavailable as e:
+            if self.pool.cold_start_mode(route.name) != "wait":
+                raise _for(principal, e) from None
+        return self._wait_for_replica(principal, route, affinity, head, gone)
+
+    async def _wait_for_replica(
         self,
         principal: Principal,
         route: ModelRoute,
@@ -144,13 +173,6 @@ class Pipeline:
         head: StreamHead | None,
         gone: ClientGone,
     ) -> Lease | None:
-        """A lease on a ready replica, waiting through a cold start if the model says so.
-        None when the client left while waiting."""
-        try:
-            return self.pool.acquire(route.name, affinity_key=affinity)
-        except Unavailable as e:
-            if self.pool.cold_start_mode(route.name) != "wait":
-                raise _for(principal, e) from None
         try:
             await wait_for_replica(self.pool, route.name, head, gone)
             if gone.gone:
@@ -201,7 +223,9 @@ class Pipeline:
         affinity = _affinity(req) if route.affinity else None
         priority = _priority(principal) if route.settings.admission.pass_priority else None
         up = reqmod.upstream_body(raw, req, route.upstream_name, priority)
-        grant = await self.admit(principal, route, req)
+        grant = self.admit(principal, route, req)
+        if not isinstance(grant, Grant):
+            grant = await grant
         # From here on the grant is settled however the request ends.
         ex.extra_head = grant.head
         gone = ClientGone()
@@ -216,10 +240,12 @@ class Pipeline:
         slot: Slot | None = None
         lease: Lease | None = None
         try:
-            slot = await self.queue(principal, route, head, gone)
+            queued = self.queue(principal, route, head, gone)
+            slot = queued if queued is None or isinstance(queued, Slot) else await queued
             if gone.gone:
                 return
-            lease = await self.acquire(principal, route, affinity, head, gone)
+            acquired = self.acquire(principal, route, affinity, head, gone)
+            lease = acquired if isinstance(acquired, Lease) else await acquired
             if lease is None:
                 return
             url = lease.url + endpoint.path
@@ -239,7 +265,8 @@ class Pipeline:
                         raise first from None  # no other replica: say what happened, a 502
                     # The model waits for replicas: wait for this one's replacement (or its
                     # return), as a cold start would.
-                    lease = await self.acquire(principal, route, affinity, head, gone)
+                    acquired = self.acquire(principal, route, affinity, head, gone)
+                    lease = acquired if isinstance(acquired, Lease) else await acquired
                     if lease is None:
                         return
                 url = lease.url + endpoint.path

@@ -42,6 +42,9 @@ class AfterHead:
                 data = b"data: " + data + b"\n\n"
         await self.out.write(data, more)
 
+    async def respond(self, status: int, headers: RawHeaders, body: bytes) -> None:
+        await self.write(body)
+
 
 # The head of a stream the gateway opens itself, before any replica answered.
 WAIT_HEAD = [

@@ -454,7 +454,8 @@ class Upstream:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self._pool: _Pool | None = None
-        self._targets: dict[str, tuple[Key, bytes]] = {}
+        # (url, id(headers)) -> (origin, request head up to Content-Length, the headers object)
+        self._targets: dict[tuple[str, int], tuple[Key, bytes, dict[str, str]]] = {}
 
     async def start(self) -> None:
         self._pool = _Pool(self.settings, tls_context(self.settings))
@@ -464,9 +465,11 @@ class Upstream:
             self._pool.close()
             self._pool = None
 
-    def _target(self, url: str) -> tuple[Key, bytes]:
-        t = self._targets.get(url)
-        if t is None:
+    def _target(self, url: str, headers: dict[str, str]) -> tuple[Key, bytes, dict[str, str]]:
+        """The origin and the request head (request line, Host, the route's headers) for a URL,
+        formatted once per route and replica: routes hand the same headers object every time."""
+        t = self._targets.get((url, id(headers)))
+        if t is None or t[2] is not headers:
             u = urlsplit(url)
             if u.scheme not in ("http", "https") or not u.hostname:
                 raise UpstreamUnreachable(f"Unsupported upstream URL scheme '{u.scheme}'.")
@@ -474,11 +477,12 @@ class Upstream:
             port = u.port or default
             path = (u.path or "/") + (f"?{u.query}" if u.query else "")
             host = u.hostname if u.port is None else f"{u.hostname}:{port}"
-            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")
-            t = ((u.scheme, u.hostname, port), head)
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}".encode("latin-1")
+            t = ((u.scheme, u.hostname, port), head, headers)
             if len(self._targets) > 4096:  # replicas come and go: stay bounded
                 self._targets.clear()
-            self._targets[url] = t
+            self._targets[(url, id(headers))] = t
         return t
 
     async def open(
@@ -487,11 +491,8 @@ class Upstream:
         """POST and wait for the status line. Raises a GatewayError if that fails."""
         pool = self._pool
         assert pool is not None, "Upstream.start() was not awaited"
-        key, head = self._target(url)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        data = b"".join(
-            (head, extra.encode("latin-1"), b"Content-Length: %d\r\n\r\n" % len(body), body)
-        )
+        key, head, _ = self._target(url, headers)
+        data = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
         for attempt in (0, 1):
             try:
                 conn = await pool.acquire(key)

@@ -139,9 +139,8 @@ async def relay_whole(resp: UpstreamResponse, out: Responder, tap: UsageTap) -> 
     finally:
         resp.release()
     data = tap.body(data) if resp.status == 200 else tap.apply_rewrite(data)
-    await out.start(resp.status, _headers(resp, len(data)))
     tap.first_byte_at = time.monotonic()
-    await out.write(data)
+    await out.respond(resp.status, _headers(resp, len(data)), data)
 
 
 async def relay_stream(

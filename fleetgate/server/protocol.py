@@ -185,13 +185,26 @@ class Cycle:
             self.gone_cb = None
             fire()
 
+    async def respond(self, status: int, headers: Any, body: bytes) -> None:
+        """A whole response: head and body in one write, no await."""
+        if self.started:
+            raise RuntimeError("the response started twice")
+        self.started = True
+        self._start(status, headers, self.extra_head)
+        self._emit(body, False)
+
     async def write(self, body: bytes, more: bool = False) -> None:
+        if self._emit(body, more):
+            await self.proto.drain()
+
+    def _emit(self, body: bytes, more: bool) -> bool:
+        """Send a body part; True when the caller should wait for the client to read."""
         if not self.started or self.complete:
             raise RuntimeError("http.response.body out of order")
         if self.disconnected:
             if not more:
                 self.complete = True
-            return
+            return False
         out = self.head
         self.head = None
         if self.chunked:
@@ -215,8 +228,8 @@ class Cycle:
             self.gone_cb = None
             self.wake()
             proto.response_done(self)
-        elif proto.write_paused:
-            await proto.drain()
+            return False
+        return proto.write_paused
 
     def _start(self, status: int, headers: Any, raw: bytes) -> None:
         self.status = status
