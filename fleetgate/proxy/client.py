@@ -206,6 +206,16 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body; :class:`ResponseTooLarge` past ``max_upstream_response_bytes``."""
         limit = self._pool.max_body_bytes
+        if self._complete and self._size <= limit:
+            # The usual case: the whole answer came with its head, nothing to wait for.
+            chunks = self._chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._size = 0
+            if self._paused and self._conn.transport is not None:
+                self._paused = False  # the connection may go back to the pool: read it again
+                self._conn.transport.resume_reading()
+            return data
         parts: list[bytes] = []
         size = 0
         async for chunk in self.iter_chunks():

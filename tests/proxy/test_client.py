@@ -277,6 +277,27 @@ async def test_body_larger_than_the_bound_is_refused_not_buffered(server):
     await u.stop()
 
 
+async def test_a_big_answer_read_after_it_arrived_leaves_its_connection_reusable(server):
+    """Past the high-water mark reading pauses; an answer that was complete before the relay read
+    it must still leave its pooled connection reading, or the next request on it never hears."""
+    s, url = server
+    u = await client()
+    resp = await u.open(url + "/big-300000", b"{}", {"Content-Type": "application/json"},
+                        ClientGone())
+    for _ in range(200):  # until the whole answer is in (its last read crosses the mark)
+        if resp._complete:
+            break
+        await asyncio.sleep(0.01)
+    assert resp._complete and resp._paused  # the case under test
+    data = await resp.read()
+    resp.close()
+    assert len(data) == 300_000
+    status, body, _ = await asyncio.wait_for(post(u, url + "/echo", body=b"again"), 5)
+    assert (status, body) == (200, b"again")
+    assert s.connections == 1
+    await u.stop()
+
+
 async def test_connection_limit_is_per_origin_and_the_wait_is_bounded():
     a, b = Server(), Server()
     sa = await asyncio.start_server(a.handle, "127.0.0.1", 0)
