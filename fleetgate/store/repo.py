@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -29,10 +30,12 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from fleetgate.store.tables import api_keys, audit_log, groups, usage_events, user_groups, users
 
 Bind = Engine | Connection
+log = logging.getLogger("fleetgate.usage")
 
 
 @contextlib.contextmanager
@@ -665,74 +668,135 @@ class _SqliteTime:
         return f"{self.prefix}.{int((t - s) * 1_000_000):06d}"
 
 
-def _usage_insert(engine: Engine) -> tuple[str, dict[int, Any]]:
-    """The driver-level INSERT and the bind processor of each column that has one."""
+def _bind_processors(engine: Engine) -> dict[int, Any]:
+    """The bind processor of each usage column whose type has one, for this dialect.
+
+    The dialect's own type (SQLite's DATETIME formats microseconds always, as every other query's
+    parameters do; the generic type would leave it to the driver, which drops ".000000" and so
+    sorts a whole second before the same time written by SQLAlchemy).
+    """
     d = engine.dialect
-    mark = {"qmark": "?", "numeric": ":1", "named": ":x"}.get(d.paramstyle, "%s")
-    if mark not in ("?", "%s"):  # pragma: no cover - neither SQLite nor psycopg
-        raise RuntimeError(f"unsupported paramstyle {d.paramstyle}")
-    cols = ", ".join(_USAGE_COLUMNS)
-    sql = f"INSERT INTO usage_events ({cols}) VALUES ({', '.join([mark] * len(_USAGE_COLUMNS))})"
-    # The dialect's own type (SQLite's DATETIME formats microseconds always, as every other
-    # query's parameters do; the generic type would leave it to the driver, which drops ".000000"
-    # and so sorts a whole second before the same time written by SQLAlchemy).
-    procs = {i: p for i, c in enumerate(_USAGE_COLUMNS)
-             if (p := usage_events.c[c].type.dialect_impl(d).bind_processor(d)) is not None}
-    return sql, procs
+    return {i: p for i, c in enumerate(_USAGE_COLUMNS)
+            if (p := usage_events.c[c].type.dialect_impl(d).bind_processor(d)) is not None}
 
 
-_SQLITE_CHUNK = 5_000  # rows per statement: bounds the JSON text one statement carries
+_USAGE_INSERT = f"INSERT INTO usage_events ({', '.join(_USAGE_COLUMNS)}) VALUES "
+_NCOLS = len(_USAGE_COLUMNS)
+_CREATED_FROM_END = _NCOLS - _CREATED  # created_at's place in a flat row, counted from its end
+
+# SQLite: rows per statement at most. Measured (docs/benchmarks.md, "Usage accounting"): 512-row
+# statements cost less a row than 50-row ones and than 2,520-row ones (near what this build's
+# bound-variable limit allows: 32,766 over 12 columns). The connection's limit (999 before SQLite 3.32, 32766 since, lower where
+# a build or ``setlimit`` says so) may cap it further, see ``_sqlite_chunk``.
+_SQLITE_MAX_ROWS = 512
+_SQLITE_VALUES: dict[int, str] = {}  # rows -> statement text, the _SQLITE_TEXTS sizes seen last
+_SQLITE_TEXTS = 64
+_ROW_MARKS = "(" + ", ".join(["?"] * _NCOLS) + ")"
 
 
-# One statement that inserts every row of a JSON array of rows (arrays in column order): the
-# whole batch is one ``sqlite3_step``, so the writer thread releases the GIL once per batch, not
-# once per row as ``executemany`` does (each re-acquisition waits on the event loop's thread and
-# stalls it in turn).
-_SQLITE_INSERT_FROM_JSON = (
-    f"INSERT INTO usage_events ({', '.join(_USAGE_COLUMNS)}) "
-    f"SELECT {', '.join(f'value ->> {i}' for i in range(len(_USAGE_COLUMNS)))} "
-    "FROM json_each(?) ORDER BY key"
-)
+def _sqlite_values(rows: int) -> str:
+    """``INSERT ... VALUES (?, ...), (?, ...)`` for ``rows`` rows, built once per size while
+    that size is among the last ``_SQLITE_TEXTS`` asked for (a busy writer's full chunk stays)."""
+    sql = _SQLITE_VALUES.get(rows)
+    if sql is None:
+        if len(_SQLITE_VALUES) >= _SQLITE_TEXTS:
+            del _SQLITE_VALUES[next(iter(_SQLITE_VALUES))]  # the oldest
+        sql = _SQLITE_VALUES[rows] = _USAGE_INSERT + ", ".join([_ROW_MARKS] * rows)
+    return sql
+
+
+def _sqlite_chunk(conn: Connection) -> int:
+    """Rows per statement that stay within this connection's bound-variable limit."""
+    dbapi = conn.connection.driver_connection
+    limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)  # type: ignore[union-attr]
+    return max(1, min(_SQLITE_MAX_ROWS, limit // _NCOLS))
+
+
+def _write_sqlite(conn: Connection, flat: list[Any]) -> None:
+    """One statement per ``_sqlite_chunk`` rows: a batch of up to 512 rows is one statement, so
+    the writer thread releases the GIL once for it (one ``sqlite3_step``)."""
+    step = _sqlite_chunk(conn) * _NCOLS
+    for at in range(0, len(flat), step):
+        part = flat[at:at + step]
+        conn.exec_driver_sql(_sqlite_values(len(part) // _NCOLS), tuple(part))
+
+
+def _write_usage(engine: Engine, flat: list[Any], sqlite: bool) -> None:
+    """One transaction for the whole batch."""
+    with engine.begin() as conn:
+        if sqlite:
+            _write_sqlite(conn, flat)
+        else:
+            marks = "(" + ", ".join(["%s"] * _NCOLS) + ")"
+            conn.exec_driver_sql(_USAGE_INSERT + marks,
+                                 [tuple(flat[i:i + _NCOLS]) for i in range(0, len(flat), _NCOLS)])
+
+
+def _deleted_keys(engine: Engine, key_ids: set[int]) -> set[int]:
+    """Those of ``key_ids`` that no longer have a row in ``api_keys``."""
+    found: set[int] = set()
+    ids = sorted(key_ids)
+    with engine.connect() as conn:
+        for i in range(0, len(ids), 500):  # within any bound-variable limit
+            found.update(conn.scalars(select(api_keys.c.id).where(api_keys.c.id.in_(ids[i:i + 500]))))
+    return key_ids - found
 
 
 def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
-    """Write a batch of usage events in one transaction.
+    """Write a batch of usage events in one transaction; returns how many.
 
     This runs under load, beside the request path, in a worker thread that competes for the GIL.
-    SQLite gets the batch as one JSON array in one statement (see
-    ``_SQLITE_INSERT_FROM_JSON``); other databases get the driver's own ``executemany``
-    over the events themselves (they are tuples in column order), converting only the columns
-    whose type needs it. SQLAlchemy's multi-row statements, or even its bind processors on every
-    value, cost several times more CPU.
+    The events are flattened into one list of parameters (they are tuples in column order), and
+    only the columns whose type needs it are converted. SQLite gets multi-row ``INSERT ...
+    VALUES`` statements of up to 512 rows (fewer where its bound-variable limit says so), so the
+    thread releases the GIL once per statement, not once per row as ``executemany`` does (each
+    re-acquisition waits on the event loop's thread and stalls it in turn). PostgreSQL gets
+    psycopg's ``executemany``, which pipelines the rows. SQLAlchemy's own multi-row statements,
+    or even its bind processors on every value, cost several times more CPU.
+
+    A key whose row was deleted while its usage waited here would fail the whole batch on the
+    foreign key, and the writer would retry it forever. So when a batch fails on an integrity
+    error, the key ids it names are looked up: the records of keys that are gone are written
+    with ``key_id`` NULL (their user and tokens kept, so per-user usage and quotas stay exact),
+    and the batch is tried once more. Any other integrity error is raised.
     """
-    sql, procs = _usage_insert(engine)
+    procs = _bind_processors(engine)
     sqlite = engine.dialect.name == "sqlite"
     stamp = _SqliteTime()
     created = procs.get(_CREATED)
-    # SQLite: JSON carries bools and ints as they are; only the time needs SQLite's own text.
+    # SQLite takes bools and ints as they are; only the time needs SQLite's own text.
     others = [] if sqlite else [(i, p) for i, p in procs.items() if i != _CREATED]
-    rows: list[list[Any]] = []
+    flat: list[Any] = []
+    add = flat.extend
     for e in events:
         t = e.created_at
         if isinstance(t, float):
             v: Any = stamp(t) if sqlite else _from_epoch(t)
         else:
             v = created(t) if created is not None else t
-        row = list(e)
-        row[_CREATED] = v
-        for i, p in others:
-            row[i] = p(row[i])
-        rows.append(row)
-    if not rows:
+        add(e)
+        flat[-_CREATED_FROM_END] = v
+        if others:
+            base = len(flat) - _NCOLS
+            for i, p in others:
+                flat[base + i] = p(flat[base + i])
+    if not flat:
         return 0
-    with engine.begin() as conn:
-        if sqlite:
-            for i in range(0, len(rows), _SQLITE_CHUNK):
-                conn.exec_driver_sql(_SQLITE_INSERT_FROM_JSON,
-                                     (orjson.dumps(rows[i:i + _SQLITE_CHUNK]).decode(),))
-        else:
-            conn.exec_driver_sql(sql, [tuple(r) for r in rows])
-    return len(rows)
+    try:
+        _write_usage(engine, flat, sqlite)
+    except IntegrityError:
+        gone = _deleted_keys(engine, {k for k in flat[0::_NCOLS] if k is not None})
+        if not gone:
+            raise
+        n = 0
+        for i in range(0, len(flat), _NCOLS):
+            if flat[i] in gone:
+                flat[i] = None
+                n += 1
+        log.warning("usage: %d records name deleted keys %s; written with no key",
+                    n, sorted(gone))
+        _write_usage(engine, flat, sqlite)
+    return len(flat) // _NCOLS
 
 
 @dataclass(frozen=True, slots=True)

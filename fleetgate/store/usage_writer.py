@@ -4,13 +4,21 @@
 every ``interval_s`` from a worker thread. If the store is down the batch is kept and retried;
 beyond ``max_pending`` events the oldest are dropped and counted (memory must stay bounded).
 ``flush()`` writes what is left, at shutdown.
+
+A batch is written exactly once: cancelling ``run()`` (shutdown does) while a batch is in its
+worker thread does not stop the thread, so the batch's outcome is settled when the thread ends
+(counted if it committed, put back if it failed), and ``flush()`` first waits for it. A batch
+naming a key deleted meanwhile is written with no key rather than failing forever
+(``repo.insert_usage``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
+from functools import partial
 
 from sqlalchemy import Engine
 
@@ -26,6 +34,7 @@ class UsageWriter:
         self._pending: deque[repo.UsageEvent] = deque(maxlen=max_pending)
         self.dropped = 0
         self.written = 0
+        self._in_flight: asyncio.Future[int] | None = None
 
     def record(self, event: repo.UsageEvent) -> None:
         if len(self._pending) == self._pending.maxlen:
@@ -33,17 +42,33 @@ class UsageWriter:
         self._pending.append(event)
 
     async def write_batch(self) -> int:
+        await self._settle_in_flight()
         if not self._pending:
             return 0
         batch = list(self._pending)
         self._pending.clear()
-        try:
-            n = await asyncio.to_thread(repo.insert_usage, self.engine, batch)
-        except BaseException:
-            self._pending.extendleft(reversed(batch))
-            raise
-        self.written += n
-        return n
+        write = asyncio.ensure_future(asyncio.to_thread(repo.insert_usage, self.engine, batch))
+        self._in_flight = write
+        write.add_done_callback(partial(self._settled, batch))
+        # Shielded: a cancelled caller leaves the write to finish and settle itself.
+        return await asyncio.shield(write)
+
+    def _settled(self, batch: list[repo.UsageEvent], write: asyncio.Future[int]) -> None:
+        if not write.cancelled() and write.exception() is None:
+            self.written += write.result()
+            return
+        # Back in front, in order; past max_pending the oldest go, counted, as in record().
+        room = (self._pending.maxlen or len(batch)) - len(self._pending)
+        if len(batch) > room:
+            self.dropped += len(batch) - room
+            batch = batch[len(batch) - room:] if room > 0 else []
+        self._pending.extendleft(reversed(batch))
+
+    async def _settle_in_flight(self) -> None:
+        write = self._in_flight
+        if write is not None and not write.done():
+            with contextlib.suppress(Exception):  # a failed batch is back in _pending
+                await asyncio.shield(write)
 
     async def run(self) -> None:
         failures = 0
