@@ -721,12 +721,30 @@ def _write_sqlite(conn: Connection, flat: list[Any]) -> None:
         conn.exec_driver_sql(_sqlite_values(len(part) // _NCOLS), tuple(part))
 
 
-def _write_usage(engine: Engine, flat: list[Any], sqlite: bool) -> None:
+_PG_COPY = f"COPY usage_events ({', '.join(_USAGE_COLUMNS)}) FROM STDIN"
+
+
+def _copy_psycopg(conn: Connection, flat: list[Any]) -> None:
+    """PostgreSQL through psycopg 3: the batch as one ``COPY ... FROM STDIN`` in the open
+    transaction, psycopg formatting and escaping each row in C (about a third of the client CPU
+    of its pipelined ``executemany``: docs/benchmarks.md, "Usage accounting")."""
+    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cur.copy(_PG_COPY) as copy:
+            for at in range(0, len(flat), _NCOLS):
+                copy.write_row(flat[at:at + _NCOLS])
+    finally:
+        cur.close()
+
+
+def _write_usage(engine: Engine, flat: list[Any]) -> None:
     """One transaction for the whole batch."""
     with engine.begin() as conn:
-        if sqlite:
+        if engine.dialect.name == "sqlite":
             _write_sqlite(conn, flat)
-        else:
+        elif engine.dialect.driver == "psycopg":
+            _copy_psycopg(conn, flat)
+        else:  # another driver named in the URL: its own executemany
             marks = "(" + ", ".join(["%s"] * _NCOLS) + ")"
             conn.exec_driver_sql(_USAGE_INSERT + marks,
                                  [tuple(flat[i:i + _NCOLS]) for i in range(0, len(flat), _NCOLS)])
@@ -750,9 +768,9 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
     only the columns whose type needs it are converted. SQLite gets multi-row ``INSERT ...
     VALUES`` statements of up to 512 rows (fewer where its bound-variable limit says so), so the
     thread releases the GIL once per statement, not once per row as ``executemany`` does (each
-    re-acquisition waits on the event loop's thread and stalls it in turn). PostgreSQL gets
-    psycopg's ``executemany``, which pipelines the rows. SQLAlchemy's own multi-row statements,
-    or even its bind processors on every value, cost several times more CPU.
+    re-acquisition waits on the event loop's thread and stalls it in turn). PostgreSQL gets one
+    ``COPY ... FROM STDIN`` (psycopg 3; another driver, its ``executemany``). SQLAlchemy's own
+    multi-row statements, or even its bind processors on every value, cost several times more.
 
     A key whose row was deleted while its usage waited here would fail the whole batch on the
     foreign key, and the writer would retry it forever. So when a batch fails on an integrity
@@ -782,9 +800,11 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
                 flat[base + i] = p(flat[base + i])
     if not flat:
         return 0
+    # COPY runs on the driver's own cursor, so its errors reach here unwrapped.
+    integrity = (IntegrityError, engine.dialect.loaded_dbapi.IntegrityError)
     try:
-        _write_usage(engine, flat, sqlite)
-    except IntegrityError:
+        _write_usage(engine, flat)
+    except integrity:
         gone = _deleted_keys(engine, {k for k in flat[0::_NCOLS] if k is not None})
         if not gone:
             raise
@@ -795,7 +815,7 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
                 n += 1
         log.warning("usage: %d records name deleted keys %s; written with no key",
                     n, sorted(gone))
-        _write_usage(engine, flat, sqlite)
+        _write_usage(engine, flat)
     return len(flat) // _NCOLS
 
 

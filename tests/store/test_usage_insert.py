@@ -74,6 +74,15 @@ def test_stored_rows_are_the_events(engine, n):
     assert repo.insert_usage(engine, []) == 0
 
 
+def test_text_is_stored_as_given(engine):
+    """PostgreSQL gets the batch as COPY text, where tabs, newlines and backslashes are syntax."""
+    k = add_key(engine, "a")
+    names = ["tab\there", "new\nline", "back\\slash \\N", "\\.", "quote's \"q\"", "ünï ✓", ""]
+    evs = [ev._replace(model=m, endpoint=m[:60]) for ev, m in zip(events(7, [k]), names, strict=True)]
+    repo.insert_usage(engine, evs)
+    assert stored(engine) == [expected(ev) for ev in evs]
+
+
 def test_sqlite_stores_what_sqlalchemy_writes(tmp_path):
     """The raw values: times as SQLAlchemy's own DATETIME text (so they compare with every other
     query's parameters), bools as 0/1, NULL as NULL."""
