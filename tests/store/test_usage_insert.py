@@ -208,3 +208,40 @@ async def test_cancelled_writer_neither_loses_nor_doubles_a_batch(tmp_path, monk
     assert stored(e) == [expected(ev) for ev in evs]
     with e.connect() as c:
         assert c.execute(text("SELECT count(*) FROM usage_events")).scalar() == 20
+
+
+async def test_a_batch_failing_in_flight_goes_back_in_front(tmp_path, monkeypatch):
+    """Records that arrive while a batch is being written stay behind it when it fails; past
+    ``max_pending`` the oldest go, counted, and a cancel before the failure loses nothing."""
+    e = open_engine(f"sqlite:///{tmp_path / 'u.db'}")
+    migrate(e)
+    k = add_key(e, "a")
+    entered, release = threading.Event(), threading.Event()
+    real = repo.insert_usage
+    calls = 0
+
+    def fail_first(engine: Engine, batch: list[repo.UsageEvent]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            assert release.wait(10)
+            raise OSError("store down")
+        return real(engine, batch)
+
+    monkeypatch.setattr(repo, "insert_usage", fail_first)
+    w = UsageWriter(e, interval_s=0.01, max_pending=4)
+    evs = events(6, [k])
+    for ev in evs[:3]:
+        w.record(ev)
+    task = asyncio.create_task(w.run())
+    assert await asyncio.to_thread(entered.wait, 10)
+    for ev in evs[3:]:
+        w.record(ev)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await w.flush()
+    assert w.dropped == 2 and w.written == 4 and not w._pending
+    assert stored(e) == [expected(ev) for ev in evs[2:]]  # the two oldest dropped
