@@ -13,7 +13,8 @@ Promises:
   a 502 ``upstream_response_too_large``), its usage noted, and sent;
 - an upstream failure after the stream has started ends the stream with an OpenAI-style error
   event; before that it raises a :class:`GatewayError` for the one error handler;
-- :attr:`UsageTap.disconnected` tells the accounting that the client left before the end;
+- :attr:`UsageTap.disconnected` tells the accounting that the client left before the end
+  (before the stream's ``[DONE]`` was written to it);
   :attr:`UsageTap.first_byte_at` when the first byte of the upstream's answer was sent on (time
   to first token).
 """
@@ -150,6 +151,10 @@ async def relay_stream(
     await out.start(resp.status, SSE_HEADERS)
     split = EventSplitter(resp.max_event_bytes)
     error: GatewayError | None = None
+    # Whether the stream's end ([DONE]) was written while the client was still there: a client
+    # that hangs up after reading it (the official client does, before the chunked body's
+    # terminator) got the whole answer and did not disconnect early.
+    ended = False
     try:
         async for chunk in resp.iter_chunks():
             events = split.feed(chunk)
@@ -162,6 +167,7 @@ async def relay_stream(
                 if tap.first_byte_at is None:
                     tap.first_byte_at = time.monotonic()
                 await out.write(relayed, True)
+                ended = tap.done and not gone.gone
     except TimeoutError:
         error = UpstreamTimeout("The model's server stopped sending mid-stream.")
     except UpstreamClosed:
@@ -172,7 +178,7 @@ async def relay_stream(
     finally:
         resp.close()
     if gone.gone:
-        tap.disconnected = True
+        tap.disconnected = not ended
         return
     rest = split.rest().replace(b"\r\n", b"\n")
     if error is None and rest.strip():

@@ -207,3 +207,32 @@ async def test_a_status_the_gateway_cannot_relay_is_a_502_envelope(hostile, stat
     assert r.status_code == 502
     assert r.json()["error"]["source"] == "gateway"
     assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(("leave_after", "disconnected"), [(b"[DONE]", False), (b"tok1", True)])
+async def test_a_client_that_hangs_up_after_the_end_did_not_leave_early(
+    leave_after: bytes, disconnected: bool
+) -> None:
+    """The official client closes its connection once it has read ``[DONE]``, which can be
+    before the gateway writes the chunked body's terminator: that is a complete answer, not a
+    disconnect. Leaving after the first token is one."""
+    ev = b'data: {"choices":[{"delta":{"content":"tok%d"}}]}\n\n'
+
+    class Upstream(FakeResponse):
+        async def iter_chunks(self) -> AsyncIterator[bytes]:
+            for c in self.chunks:
+                yield c
+                await asyncio.sleep(0)  # waiting for the next bytes, as a real response does
+
+    resp = Upstream([ev % 1, ev % 2, b"data: [DONE]\n\n"])
+    gone = ClientGone()
+
+    async def send(msg: dict) -> None:
+        if leave_after in msg.get("body", b""):
+            # The connection drops once the client has read this: the server's callback runs
+            # on a later turn of the loop.
+            asyncio.get_running_loop().call_soon(gone.fire)
+
+    tap = UsageTap(hide_usage_event=False, rewrite=None)
+    await relay_stream(resp, asgi(send), tap, gone)  # type: ignore[arg-type]
+    assert tap.disconnected is disconnected
