@@ -110,18 +110,8 @@ class Cycle:
             if self.disconnected or self.complete:
                 return {"type": "http.disconnect"}
             if self.chunks or (self.body_done and not self.final_delivered):
-                chunks = self.chunks
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self.chunks = []
                 more = not self.body_done
-                if not more:
-                    self.final_delivered = True
-                if self.buffered > BODY_HIGH_WATER:
-                    self.buffered = 0
-                    self.proto.update_reading()
-                else:
-                    self.buffered = 0
-                return {"type": "http.request", "body": data, "more_body": more}
+                return {"type": "http.request", "body": self._take_body(), "more_body": more}
             if self.final_delivered:
                 pass  # the body is all read: wait for the client to go away (a disconnect watch)
             elif self.expect_100 and not self.started:
@@ -151,19 +141,25 @@ class Cycle:
         bound; ``limit`` is the app's)."""
         if self.body_done and not self.final_delivered and not self.disconnected:
             # The usual case: the body came with the head, in the same read.
-            chunks = self.chunks
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self.chunks = []
-            self.final_delivered = True
-            if self.buffered > BODY_HIGH_WATER:
-                self.buffered = 0
-                self.proto.update_reading()
-            else:
-                self.buffered = 0
+            data = self._take_body()
             if len(data) > limit:
                 raise too_large(limit)
             return data
         return await read_body(self.scope, self.receive, limit)
+
+    def _take_body(self) -> bytes:
+        """What is buffered of the body; reading resumes if it had paused for it."""
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        if self.body_done:
+            self.final_delivered = True
+        if self.buffered > BODY_HIGH_WATER:
+            self.buffered = 0
+            self.proto.update_reading()
+        else:
+            self.buffered = 0
+        return data
 
     async def start(self, status: int, headers: Any) -> None:
         if self.started:
