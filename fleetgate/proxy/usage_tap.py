@@ -68,6 +68,16 @@ def _choice_index(ev: bytes, choices_at: int, end: int) -> int | None:
     return int(ev[k:stop]) if stop > k else None
 
 
+MAX_COUNT = 2**31 - 1
+"""The largest token count taken from an upstream's usage (a usage column's range on PostgreSQL).
+A number past it is no count: stored, it would fail the usage batch it is in, every time."""
+
+
+def _count(v: object) -> bool:
+    """Whether ``v`` is a token count the gateway takes: an integer in 0..MAX_COUNT."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
+
+
 class Rewrite(NamedTuple):
     """The served-name rewrite: ``"model"`` set to the upstream name, however spaced."""
 
@@ -156,7 +166,7 @@ class UsageTap:
                     c = orjson.loads(raw).get("completion_tokens")
                 except (orjson.JSONDecodeError, AttributeError):
                     continue
-                if isinstance(c, int) and not isinstance(c, bool) and c >= 0:
+                if _count(c):
                     total += c
             self._completion = total
 
@@ -175,9 +185,9 @@ class UsageTap:
         if isinstance(usage, dict):
             p = usage.get("prompt_tokens")
             c = usage.get("completion_tokens")
-            if isinstance(p, int) and not isinstance(p, bool) and p >= 0:
+            if _count(p):
                 self._prompt = p
-            if isinstance(c, int) and not isinstance(c, bool) and c >= 0:
+            if _count(c):
                 self._completion = c
 
     @property

@@ -135,3 +135,17 @@ def test_per_choice_usage_in_an_unusual_layout_is_summed_too():
     for ev in evs:
         t.events(ev)
     assert t.completion_tokens == 10
+
+
+def test_a_count_past_a_usage_columns_range_is_no_count():
+    """An upstream that reports 2**31 tokens (or 2**63, past SQLite's integers) would make the
+    usage batch holding that record fail on every retry; such a number is not taken."""
+    from fleetgate.proxy.usage_tap import MAX_COUNT
+
+    t = UsageTap(hide_usage_event=False, rewrite=None)
+    t.body(b'{"usage":{"prompt_tokens":%d,"completion_tokens":%d}}' % (MAX_COUNT, MAX_COUNT + 1))
+    assert (t.prompt_tokens, t.completion_tokens) == (MAX_COUNT, 0)
+    s = UsageTap(hide_usage_event=False, rewrite=None)
+    big = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":1}}\n\n'
+    s.events(TOKEN_EV + big % (2**63) + DONE)
+    assert (s.prompt_tokens, s.completion_tokens) == (0, 1)
