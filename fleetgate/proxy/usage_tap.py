@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import orjson
 
@@ -73,7 +73,7 @@ MAX_COUNT = 2**31 - 1
 A number past it is no count: stored, it would fail the usage batch it is in, every time."""
 
 
-def _count(v: object) -> bool:
+def _count(v: object) -> TypeGuard[int]:
     """Whether ``v`` is a token count the gateway takes: an integer in 0..MAX_COUNT."""
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
 
