@@ -245,3 +245,46 @@ async def test_a_batch_failing_in_flight_goes_back_in_front(tmp_path, monkeypatc
     await w.flush()
     assert w.dropped == 2 and w.written == 4 and not w._pending
     assert stored(e) == [expected(ev) for ev in evs[2:]]  # the two oldest dropped
+
+
+async def test_a_record_the_store_refuses_does_not_hold_back_the_others(engine):
+    """A count past the column's range and a missing model used to fail their whole batch on
+    every retry, and the accounting of everyone queued behind it stalled with them."""
+    evs = events(6, [add_key(engine, "k")])
+    evs[2] = evs[2]._replace(prompt_tokens=2**63)  # past SQLite's and PostgreSQL's integers
+    evs[4] = evs[4]._replace(model=None)  # type: ignore[arg-type]  # NOT NULL
+    w = UsageWriter(engine)
+    for ev in evs:
+        w.record(ev)
+    assert await w.write_batch() == 4
+    assert (w.written, w.rejected, len(w._pending)) == (4, 2, 0)
+    assert stored(engine) == [expected(ev) for i, ev in enumerate(evs) if i not in (2, 4)]
+    w.record(events(1, [])[0])  # and the writer goes on
+    assert await w.write_batch() == 1
+
+
+async def test_a_store_lost_while_writing_one_by_one_puts_back_only_the_rest(engine, monkeypatch):
+    """Written record by record (the batch was refused), each record commits alone: if the store
+    goes away half-way, only the records not yet written go back, or the others would double."""
+    evs = events(5, [add_key(engine, "k")])
+    real = repo.insert_usage
+    singles = []
+
+    def flaky(eng: Engine, batch: list[repo.UsageEvent]) -> int:
+        if len(batch) > 1:
+            raise ValueError("refused for its content")
+        singles.append(batch[0])
+        if len(singles) == 3:
+            raise ConnectionError("the store went away")
+        return real(eng, batch)
+
+    monkeypatch.setattr(repo, "insert_usage", flaky)
+    w = UsageWriter(engine)
+    for ev in evs:
+        w.record(ev)
+    with pytest.raises(ConnectionError):
+        await w.write_batch()
+    assert w.written == 2 and list(w._pending) == evs[2:]
+    monkeypatch.setattr(repo, "insert_usage", real)
+    assert await w.write_batch() == 3
+    assert stored(engine) == [expected(ev) for ev in evs]  # each once, in order
