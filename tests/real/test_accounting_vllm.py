@@ -440,17 +440,18 @@ def test_a_disconnected_multi_choice_stream_is_charged_for_every_choice(stack: S
     c = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.keys["cy"], max_retries=0,
                       timeout=120)
     try:
-        # 500 chunks read of 3 x 400, then the client leaves: 700 tokens still to generate, so
-        # a gateway kept off the CPU on a loaded 2-core machine still sees the client go (with
-        # n=2 only 300 were left, and on CI vLLM finished first six times in a row).
-        lf = leave(c, stack, Call("cy", "chat", "usage", 400, n=3, exact=True), 200, 500)
+        # 500 chunks read of 8 x 400, then the client leaves, 63 of 400 steps in: the official
+        # client parses chunks more slowly than vLLM makes them, and a stream whose end was
+        # written before the client hung up is complete, not left (with n=3, 700 tokens still to
+        # come, a fresh-clone CI run saw vLLM finish first six times in a row).
+        lf = leave(c, stack, Call("cy", "chat", "usage", 400, n=8, exact=True), 200, 500)
     finally:
         c.close()
     r = lf.record
     assert r.prompt == lf.prompt and lf.read == 500
     # One choice holds at most max_tokens (400) tokens, and the client read 500: only a count
     # over every choice can cover what was relayed, however late the gateway noticed.
-    assert lf.read <= r.completion <= 3 * 400, (r, lf.read)
+    assert lf.read <= r.completion <= 8 * 400, (r, lf.read)
 
 
 def test_a_client_that_leaves_a_non_streamed_request_is_marked(stack: Stack) -> None:
