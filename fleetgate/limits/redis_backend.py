@@ -39,7 +39,7 @@ from fleetgate.limits import quotas
 from fleetgate.limits.backend import NO_LIMITS, Backend, Failure, Grant, Outcome, refusal
 from fleetgate.limits.headers import RateView, rate_head
 from fleetgate.limits.redis_lua import ADMIT, SETTLE
-from fleetgate.limits.resp import Resp, RespError, encode
+from fleetgate.limits.resp import Resp, RespError, bulk, encode
 from fleetgate.limits.spec import Checks, Quota, Subject
 
 log = logging.getLogger("fleetgate.limits")
@@ -54,8 +54,7 @@ def _sid(s: Subject) -> str:
 
 def _bulk(value: int) -> bytes:
     """One integer as a RESP bulk string (what :func:`fleetgate.limits.resp.encode` writes)."""
-    digits = b"%d" % value
-    return b"$%d\r\n%b\r\n" % (len(digits), digits)
+    return bulk(b"%d" % value)
 
 
 class _Plan:
@@ -102,7 +101,7 @@ class _Plan:
         marker = b"\xff\xfecost\xff"
         whole = encode(("EVALSHA", b._admit, len(keys), *keys,
                         *(marker if a is _COST else a for a in args)))
-        self.admit_parts = whole.split(_bulk_bytes(marker))
+        self.admit_parts = whole.split(bulk(marker))
         # The settle command: KEYS tpm buckets, quotas, concurrency hashes, then the settle id;
         # ARGV refund, process id, the tpm capacities, nq, nc. The id and the refund are the
         # request's own, one after the other.
@@ -124,10 +123,6 @@ class _Plan:
 _COST = object()  # where the request's cost goes in a plan's admit arguments
 
 
-def _bulk_bytes(value: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(value), value)
-
-
 class _RedisGrant(Grant):
     __slots__ = ("_backend", "_plan")
 
@@ -144,7 +139,7 @@ class _RedisGrant(Grant):
         b = self._backend
         settle_id = f"{b.prefix}s:{b.process_id}:{next(b.settle_ids)}".encode()
         b.enqueue_settle(
-            plan.settle_head + _bulk_bytes(settle_id) + _bulk(refund) + plan.settle_tail)
+            plan.settle_head + bulk(settle_id) + _bulk(refund) + plan.settle_tail)
 
 
 class RedisBackend(Backend):

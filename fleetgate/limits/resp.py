@@ -73,6 +73,11 @@ class Address:
         )
 
 
+def bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
 def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
     """A command as RESP: an array of bulk strings (by exact type first: this runs per command)."""
     out = [b"*%d\r\n" % len(args)]
@@ -90,7 +95,7 @@ def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
             b = repr(a).encode()
         else:
             raise TypeError(f"can't send {t.__name__} to Redis")
-        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+        out.append(bulk(b))
     return b"".join(out)
 
 
