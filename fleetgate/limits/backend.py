@@ -167,13 +167,14 @@ def admit(
     generates: bool = True,
 ) -> Grant | Awaitable[Grant]:
     """Caps (400), then the cost, then the backend. Await the result only if it is awaitable."""
-    if checks.empty:
-        return NO_LIMITS
-    check_caps(checks, max_tokens, n)
+    if checks.capped:
+        check_caps(checks, max_tokens, n)
     if not checks.counts:
         return NO_LIMITS
     cost = admission_cost(body_bytes, max_tokens, n, default_max_tokens, generates=generates)
-    too_large(checks, cost)
+    floor = checks.tpm_floor
+    if floor is not None and cost > floor:
+        too_large(checks, cost)
     return backend.admit(checks, cost)
 
 

@@ -101,6 +101,16 @@ _BOTH = (
 )
 
 
+def _ceil_ms(ms: float) -> int:
+    """``math.ceil(round(ms, 6))`` for ``ms > 0`` (format_duration's rounding), without
+    ``round``'s decimal conversion unless ``ms`` is within 1e-6 of a whole number."""
+    whole = int(ms)
+    frac = ms - whole
+    if 1e-6 < frac < 0.999999:
+        return whole + 1
+    return math.ceil(round(ms, 6))
+
+
 def rate_head(r_cap: int | None, r_level: float, t_cap: int | None, t_level: float) -> bytes:
     """Both kinds' header lines (a kind whose capacity is None is left out): the same bytes as
     :func:`bucket_head` for each, in one format when both resets are under a second (every
@@ -110,8 +120,8 @@ def rate_head(r_cap: int | None, r_level: float, t_cap: int | None, t_level: flo
         t_s = (t_cap - t_level) * 60.0 / t_cap
         if 0 < r_s < 0.999 and 0 < t_s < 0.999:
             return _BOTH % (
-                r_cap, math.floor(r_level) if r_level > 0 else 0, math.ceil(round(r_s * 1000, 6)),
-                t_cap, math.floor(t_level) if t_level > 0 else 0, math.ceil(round(t_s * 1000, 6)),
+                r_cap, math.floor(r_level) if r_level > 0 else 0, _ceil_ms(r_s * 1000),
+                t_cap, math.floor(t_level) if t_level > 0 else 0, _ceil_ms(t_s * 1000),
             )
     head = b"" if r_cap is None else bucket_head(b"requests", r_cap, r_level)
     return head if t_cap is None else head + bucket_head(b"tokens", t_cap, t_level)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from fleetgate.errors import GatewayError
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import Backend, Failure, Grant, Outcome, refusal
-from fleetgate.limits.buckets import settle_level, wait_s
+from fleetgate.limits.buckets import wait_s
 from fleetgate.limits.headers import RateView, rate_head
 from fleetgate.limits.spec import Checks, Limits, Quota, Subject
 
@@ -55,7 +55,7 @@ class _Plan:
     counter for the current period remembered until the period ends. The admitter keeps one
     ``Checks`` per (key, model), so a request finds its plan with one dict lookup."""
 
-    __slots__ = ("checks", "rows", "tpm", "conc", "quotas", "periods")
+    __slots__ = ("checks", "rows", "tpm", "conc", "quotas", "periods", "levels")
 
     def __init__(self, checks: Checks, cell: Callable[[Subject], _Cell]) -> None:
         self.checks = checks
@@ -67,6 +67,9 @@ class _Plan:
         self.quotas = checks.quotas
         # Per quota: (period start, period end, its counter), or None until first used.
         self.periods: list[tuple[float, float, list[int]] | None] = [None] * len(checks.quotas)
+        # Scratch: each row's rpm and tpm level between deciding and taking (admit runs to the
+        # end without yielding, so one list per plan is enough).
+        self.levels = [0.0] * (2 * len(self.rows))
 
 
 class _MemoryGrant(Grant):
@@ -81,24 +84,39 @@ class _MemoryGrant(Grant):
         quota: list[list[int]],
         clock: Callable[[], float],
     ) -> None:
-        super().__init__(head, cost)
+        self.head = head
+        self.cost = cost
+        self._settled = False
         self._tpm = tpm
         self._conc = conc
         self._quota = quota
         self._clock = clock
 
-    def _settle(self, actual: int) -> None:
+    def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        actual = (prompt_tokens if prompt_tokens > 0 else 0) + (
+            completion_tokens if completion_tokens > 0 else 0)
         refund = self.cost - actual
-        if refund and self._tpm:
-            now = self._clock()
-            for cell, cap in self._tpm:
-                cell.t = settle_level(_level(cell.t, cell.t_at, now, cap), self.cost, actual, cap)
-                cell.t_at = now if now > cell.t_at else cell.t_at
-        for c in self._conc:
-            c.n -= 1
         if refund:
+            if self._tpm:
+                now = self._clock()
+                for cell, cap in self._tpm:
+                    # The level now (refilled, capped), then the refund (or the extra charge),
+                    # capped again: buckets.settle_level of buckets.refill, inlined.
+                    level = cell.t
+                    if now > cell.t_at:
+                        level += (now - cell.t_at) * cap / 60.0
+                        cell.t_at = now
+                    if level > cap:
+                        level = cap
+                    level += refund
+                    cell.t = cap if level > cap else level
             for q in self._quota:
                 q[0] -= refund
+        for c in self._conc:
+            c.n -= 1
 
 
 class MemoryBackend(Backend):
@@ -166,56 +184,67 @@ class MemoryBackend(Backend):
         if plan is None or plan.checks is not checks:  # (an id can be reused once freed)
             plan = self._plan(checks)
         now = self._clock()
-        # Decide first, against every counter; take only if all of them allow it.
-        levels: list[tuple[float, float]] = []  # each row's rpm and tpm level now
-        refused = False
+        # Decide first, against every counter; take only if all of them allow it. The refill
+        # (buckets.refill) is inlined: this runs on every request.
+        levels = plan.levels
+        i = 0
         for cell, rpm, tpm, most in plan.rows:
-            r = t = 0.0
             if rpm is not None:
-                r = _level(cell.r, cell.r_at, now, rpm)
-                refused = refused or r < 1
+                r = cell.r
+                if now > cell.r_at:
+                    r += (now - cell.r_at) * rpm / 60.0
+                if r > rpm:
+                    r = rpm
+                if r < 1:
+                    raise self._refusal(checks, cost, now, self._wall())
+                levels[i] = r
             if tpm is not None:
-                t = _level(cell.t, cell.t_at, now, tpm)
-                refused = refused or t < cost
+                t = cell.t
+                if now > cell.t_at:
+                    t += (now - cell.t_at) * tpm / 60.0
+                if t > tpm:
+                    t = tpm
+                if t < cost:
+                    raise self._refusal(checks, cost, now, self._wall())
+                levels[i + 1] = t
             if most is not None and cell.n >= most:
-                refused = True
-            levels.append((r, t))
+                raise self._refusal(checks, cost, now, self._wall())
+            i += 2
         used: list[list[int]] = []
-        wall = 0.0
-        if plan.quotas and not refused:
+        if plan.quotas:
             wall = self._wall()
-            for i, (subject, quota) in enumerate(plan.quotas):
-                p = plan.periods[i]
+            periods = plan.periods
+            for q, (subject, quota) in enumerate(plan.quotas):
+                p = periods[q]
                 if p is None or not p[0] <= wall < p[1]:
                     key, start, end = self._periods_now.span(quota.period, wall)
-                    p = plan.periods[i] = (start, end, self._used(subject, key))
+                    p = periods[q] = (start, end, self._used(subject, key))
                 counter = p[2]
                 if counter[0] + cost > quota.tokens:
-                    refused = True
-                    break
+                    raise self._refusal(checks, cost, now, wall)
                 used.append(counter)
-        if refused:
-            raise self._refusal(checks, cost, now, wall or self._wall())
-        # Take, and find the most restrictive of each kind for the headers as we go.
-        best_r: tuple[float, int] | None = None  # (level after, capacity)
-        best_t: tuple[float, int] | None = None
-        for (cell, rpm, tpm, most), (r, t) in zip(plan.rows, levels, strict=True):
+        # Take, and find the most restrictive of each kind for the headers as we go: the fewest
+        # whole tokens left, then the smallest capacity.
+        r_cap = t_cap = 0
+        r_best = t_best = 0.0
+        i = 0
+        for cell, rpm, tpm, most in plan.rows:
             if rpm is not None:
-                cell.r, cell.r_at = r - 1, now
-                if best_r is None or (cell.r // 1, rpm) < (best_r[0] // 1, best_r[1]):
-                    best_r = (cell.r, rpm)
+                r = cell.r = levels[i] - 1
+                cell.r_at = now
+                if not r_cap or r // 1 < r_best // 1 or (r // 1 == r_best // 1 and rpm < r_cap):
+                    r_cap, r_best = rpm, r
             if tpm is not None:
-                cell.t, cell.t_at = t - cost, now
-                if best_t is None or (cell.t // 1, tpm) < (best_t[0] // 1, best_t[1]):
-                    best_t = (cell.t, tpm)
+                t = cell.t = levels[i + 1] - cost
+                cell.t_at = now
+                if not t_cap or t // 1 < t_best // 1 or (t // 1 == t_best // 1 and tpm < t_cap):
+                    t_cap, t_best = tpm, t
             if most is not None:
                 cell.n += 1
+            i += 2
         for counter in used:
             counter[0] += cost
-        head = rate_head(
-            None if best_r is None else best_r[1], 0.0 if best_r is None else best_r[0],
-            None if best_t is None else best_t[1], 0.0 if best_t is None else best_t[0],
-        ) if best_r is not None or best_t is not None else b""
+        head = rate_head(r_cap or None, r_best, t_cap or None, t_best) if r_cap or t_cap else b""
         return _MemoryGrant(head, cost, plan.tpm, plan.conc, used, self._clock)
 
     def _refusal(self, checks: Checks, cost: int, now: float, wall: float) -> GatewayError:

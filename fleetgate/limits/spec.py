@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from fleetgate.errors import InvalidRequest
@@ -93,16 +93,24 @@ class Checks:
     quotas: tuple[tuple[Subject, Quota], ...] = ()
     max_tokens: tuple[int, Subject] | None = None
     max_n: tuple[int, Subject] | None = None
+    # Derived once (read on every request, so plain attributes, not properties):
+    counts: bool = field(init=False)
+    """Whether any counter (bucket, concurrency or quota) applies."""
+    capped: bool = field(init=False)
+    """Whether a cap on ``max_tokens`` or ``n`` applies."""
+    empty: bool = field(init=False)
+    """Nothing to count or check: admission can skip the backend."""
+    tpm_floor: int | None = field(init=False)
+    """The smallest tpm limit that applies: a cost above it can never be admitted."""
 
-    @property
-    def empty(self) -> bool:
-        """Nothing to count or check: admission can skip the backend."""
-        return not self.limits and not self.quotas and self.max_tokens is None and self.max_n is None
-
-    @property
-    def counts(self) -> bool:
-        """Whether any counter (bucket, concurrency or quota) applies."""
-        return bool(self.limits or self.quotas)
+    def __post_init__(self) -> None:
+        counts = bool(self.limits or self.quotas)
+        capped = self.max_tokens is not None or self.max_n is not None
+        tpms = [lim.tpm for _, lim in self.limits if lim.tpm is not None]
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "capped", capped)
+        object.__setattr__(self, "empty", not counts and not capped)
+        object.__setattr__(self, "tpm_floor", min(tpms) if tpms else None)
 
     @classmethod
     def of(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from fleetgate.limits.buckets import admission_cost, refill, settle_level, until_full_s, wait_s
 from fleetgate.limits.headers import (
     RateView,
+    _ceil_ms,
     bucket_head,
     format_duration,
     head_lines,
@@ -195,3 +198,18 @@ def test_one_format_covers_resets_under_a_second_at_its_edges() -> None:
     assert b"reset-tokens: 984ms" in rate_head(60_000, 59_999.0, 61, 60.0)
     # A reset of a second or more is written as Go's duration, by the one-by-one path.
     assert b"reset-tokens: 1s" in rate_head(60_000, 59_999.0, 60, 59.0)
+
+
+@given(st.one_of(
+    st.floats(1e-9, 1e6, allow_nan=False, allow_infinity=False),
+    # within a millionth of a whole number, where round() decides
+    st.builds(lambda k, d: k + d, st.integers(0, 999), st.floats(-2e-6, 2e-6)).filter(
+        lambda x: x > 0),
+))
+def test_the_fast_ceiling_of_milliseconds_rounds_as_format_duration(ms: float) -> None:
+    assert _ceil_ms(ms) == math.ceil(round(ms, 6))
+
+
+def test_the_fast_ceiling_at_its_edges() -> None:
+    for ms in (1.0, 1.0000004, 1.0000006, 1.9999994, 1.9999996, 5e-7, 4e-7, 6e-7, 0.3, 999.0):
+        assert _ceil_ms(ms) == math.ceil(round(ms, 6)), ms

@@ -62,6 +62,21 @@ def test_tpm_undercount_makes_later_requests_wait(clock: FakeClock) -> None:
     b.admit(checks, 100)
 
 
+def test_an_undercount_settled_on_a_full_bucket_charges_from_full(clock: FakeClock) -> None:
+    # The bucket refilled past its capacity while the request ran: the refill is capped first,
+    # then the extra charged, so the overrun is not lost in the refill.
+    b = MemoryBackend(clock=clock)
+    checks = Checks.of([(ALICE, Limits(tpm=600))])
+    g = b.admit(checks, 100)
+    clock.advance(60)  # full again (600), not 500 + 600
+    g.settle(400, 500)  # 800 more than charged: 600 - 800 = -200
+    with pytest.raises(RateLimited) as e:
+        b.admit(checks, 100)
+    assert e.value.headers["retry-after"] == "30"  # 300 tokens at 10 a second
+    clock.advance(30)
+    b.admit(checks, 100)
+
+
 def test_quota_rolls_over_at_midnight_utc() -> None:
     wall = FakeClock(dt.datetime(2026, 11, 24, 23, 59, 0, tzinfo=dt.UTC).timestamp())
     b = MemoryBackend(clock=FakeClock(), wall=wall)
