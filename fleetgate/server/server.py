@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -140,9 +141,12 @@ class Lifespan:
 
 
 class Server:
-    def __init__(self, app: App, options: ServerOptions) -> None:
+    def __init__(self, app: App, options: ServerOptions, *, owns_process: bool = False) -> None:
         self.app = app
         self.options = options
+        # The whole process is this server's (``run``): its start-up heap is frozen once the
+        # app has started (see settle_heap). An embedding caller keeps its own GC.
+        self.owns_process = owns_process
         self.stopping = asyncio.Event()
         self.state: ServerState | None = None
         self.port = options.port  # the bound port, once listening (differs when 0 was asked)
@@ -163,6 +167,8 @@ class Server:
         if not await lifespan.startup():
             return LIFESPAN_STARTUP_FAILED
         state = self.state = ServerState(self.app, o, loop)
+        if self.owns_process:
+            settle_heap()
         try:
             sock = sock or bind_socket(o)
             server = await loop.create_server(
@@ -227,12 +233,21 @@ class Server:
                 await asyncio.wait(pending, timeout=1)
 
 
+def settle_heap() -> None:
+    """Move everything the start-up built (modules, config, the app, its caches) out of the
+    garbage collector's sight. A full collection otherwise walks all of it again, every second
+    or so under load, pausing every request in flight for 10 ms or more on a small machine; after
+    this it walks only what requests made since."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(app: App, options: ServerOptions, sock: socket.socket | None = None) -> int:
     """Serve ``app`` on uvloop until SIGTERM/SIGINT; returns the exit code."""
     import uvloop
 
     async def main() -> int:
-        server = Server(app, options)
+        server = Server(app, options, owns_process=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
