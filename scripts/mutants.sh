@@ -2,6 +2,7 @@
 # Mutation testing of the auth code (mutmut), on a copy of the tree.
 #
 #   scripts/mutants.sh [DEST]          # DEST defaults to /tmp/fleetgate-mutants
+#   MUTANTS_SET=limits scripts/mutants.sh /tmp/fleetgate-mutants-limits   # admission instead
 #
 # mutmut rewrites the code it mutates, so it never runs in the checkout: the tracked and
 # untracked (not ignored) files are copied to DEST, the mutmut settings are written to DEST's
@@ -36,36 +37,36 @@ PY
 # Forked from the process that ran them (mutmut's default), they inherit caches the original
 # code filled (access._shared's lru_cache of compiled allow-lists), and a mutant of the
 # pattern compiler "survived" without ever running.
-cat >"$dest/setup.cfg" <<'CFG'
-[mutmut]
-process_isolation=forkserver
-source_paths=fleetgate/
-only_mutate=
-    fleetgate/auth/keys.py
-    fleetgate/auth/authn.py
-    fleetgate/auth/access.py
-    fleetgate/auth/principals.py
-    fleetgate/services/authz.py
-    fleetgate/services/users.py
-    fleetgate/services/groups.py
-    fleetgate/services/keys.py
-    fleetgate/services/audit.py
-    fleetgate/services/validation.py
-    fleetgate/dataplane/request.py
-    fleetgate/api/routing.py
-    fleetgate/errors.py
-pytest_add_cli_args_test_selection=
-    tests/auth
-    tests/services
-    tests/dataplane
-    tests/api/test_routing.py
-    tests/api/test_routing_mutants.py
-    tests/test_error_envelope.py
-pytest_add_cli_args=
-    -p
-    no:cacheprovider
-    -q
-CFG
+case "${MUTANTS_SET:-auth}" in
+  auth)
+    mutate=(fleetgate/auth/keys.py fleetgate/auth/authn.py fleetgate/auth/access.py
+            fleetgate/auth/principals.py fleetgate/services/authz.py fleetgate/services/users.py
+            fleetgate/services/groups.py fleetgate/services/keys.py fleetgate/services/audit.py
+            fleetgate/services/validation.py fleetgate/dataplane/request.py
+            fleetgate/api/routing.py fleetgate/errors.py)
+    tests=(tests/auth tests/services tests/dataplane tests/api/test_routing.py
+           tests/api/test_routing_mutants.py tests/test_error_envelope.py)
+    select=() ;;
+  limits)
+    # Admission's decisions (who gets in, what is counted, what the headers say) in the memory
+    # backend and the pure modules around it, against the in-process limits tests; the Redis
+    # half of the shared contract tests is deselected (no server per mutant).
+    mutate=(fleetgate/limits/memory.py fleetgate/limits/backend.py fleetgate/limits/buckets.py
+            fleetgate/limits/headers.py fleetgate/limits/spec.py fleetgate/limits/quotas.py)
+    tests=(tests/limits/test_memory_backend.py tests/limits/test_backends.py
+           tests/limits/test_buckets.py tests/limits/test_limits_spec.py
+           tests/limits/test_quotas.py)
+    select=(-k "not redis") ;;
+  *) echo "MUTANTS_SET is auth (the default) or limits, not ${MUTANTS_SET}" >&2; exit 2 ;;
+esac
+{
+  printf '[mutmut]\nprocess_isolation=forkserver\nsource_paths=fleetgate/\nonly_mutate=\n'
+  printf '    %s\n' "${mutate[@]}"
+  printf 'pytest_add_cli_args_test_selection=\n'
+  printf '    %s\n' "${tests[@]}"
+  printf 'pytest_add_cli_args=\n'
+  printf '    %s\n' -p no:cacheprovider -q "${select[@]}"
+} >"$dest/setup.cfg"
 
 cd "$dest"
 export FLEETGATE_SKIP_POSTGRES=1
