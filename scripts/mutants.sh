@@ -53,7 +53,8 @@ case "${MUTANTS_SET:-auth}" in
     # half of the shared contract tests is deselected (no server per mutant).
     mutate=(fleetgate/limits/memory.py fleetgate/limits/backend.py fleetgate/limits/buckets.py
             fleetgate/limits/headers.py fleetgate/limits/spec.py fleetgate/limits/quotas.py)
-    tests=(tests/limits/test_memory_backend.py tests/limits/test_backends.py
+    tests=(tests/limits/test_memory_backend.py tests/limits/test_memory_admission.py
+           tests/limits/test_backends.py
            tests/limits/test_buckets.py tests/limits/test_limits_spec.py
            tests/limits/test_quotas.py)
     select=(-k "not redis") ;;

@@ -103,10 +103,10 @@ _BOTH = (
 
 def _ceil_ms(ms: float) -> int:
     """``math.ceil(round(ms, 6))`` for ``ms > 0`` (format_duration's rounding), without
-    ``round``'s decimal conversion unless ``ms`` is within 1e-6 of a whole number."""
+    ``round``'s decimal conversion unless ``ms`` is within 1e-6 above a whole number (anything
+    further above rounds to more than it, so its ceiling is the next one)."""
     whole = int(ms)
-    frac = ms - whole
-    if 1e-6 < frac < 0.999999:
+    if ms - whole > 1e-6:
         return whole + 1
     return math.ceil(round(ms, 6))
 

@@ -164,9 +164,21 @@ def test_retry_after(s: float, ra: str, ms: str) -> None:
     assert retry_after(s) == {"retry-after": ra, "retry-after-ms": ms}
 
 
+@given(capacity=st.integers(1, 10**12), gap=st.floats(0, 1.1, allow_nan=False))
+def test_a_nearly_full_buckets_header_lines_are_what_rate_headers_writes(
+    capacity: int, gap: float
+) -> None:
+    # gap: seconds of refill short of full, so the reset is under a second (the fast branch)
+    _bucket_lines_agree(capacity, capacity - gap * capacity / 60)
+
+
 @given(capacity=st.integers(1, 10**12),
        level=st.floats(-1e13, 1e13, allow_nan=False, allow_infinity=False))
 def test_a_buckets_header_lines_are_what_rate_headers_writes(capacity: int, level: float) -> None:
+    _bucket_lines_agree(capacity, level)
+
+
+def _bucket_lines_agree(capacity: int, level: float) -> None:
     # The admitted request's fast path must say exactly what the refusal path says.
     for kind in ("requests", "tokens"):
         fast = bucket_head(kind.encode(), capacity, level)
@@ -185,6 +197,24 @@ _LEVELS = st.floats(-1e13, 1e13, allow_nan=False, allow_infinity=False)
 def test_both_kinds_in_one_format_are_each_buckets_lines(
     r_cap: int | None, r_level: float, t_cap: int | None, t_level: float
 ) -> None:
+    _same_lines(r_cap, r_level, t_cap, t_level)
+
+
+# A level within a second's refill of full: the one-format path (both resets under a second),
+# which levels drawn from the whole range almost never reach.
+_NEAR_FULL = st.floats(0, 1.1, allow_nan=False)
+
+
+@given(r_cap=st.integers(1, 10**9), r_gap=_NEAR_FULL, t_cap=st.integers(1, 10**12),
+       t_gap=_NEAR_FULL)
+def test_one_format_near_full_is_each_buckets_lines(
+    r_cap: int, r_gap: float, t_cap: int, t_gap: float
+) -> None:
+    # gap: seconds of refill the bucket is short of full
+    _same_lines(r_cap, r_cap - r_gap * r_cap / 60.0, t_cap, t_cap - t_gap * t_cap / 60.0)
+
+
+def _same_lines(r_cap: int | None, r_level: float, t_cap: int | None, t_level: float) -> None:
     both = rate_head(r_cap, r_level, t_cap, t_level)
     one_by_one = (b"" if r_cap is None else bucket_head(b"requests", r_cap, r_level)) + (
         b"" if t_cap is None else bucket_head(b"tokens", t_cap, t_level))
