@@ -266,3 +266,95 @@ def test_refusals_are_gateway_errors_with_the_status_a_client_expects() -> None:
     with pytest.raises(GatewayError) as e:
         admit(b, Checks.of([(ALICE, Limits(tpm=5))]), body_bytes=400, max_tokens=None)
     assert e.value.status == 400
+
+
+# -- found by the second mutation run ----------------------------------------------------------
+
+
+def test_admission_refills_tpm_at_its_rate() -> None:
+    b, clock = backend()
+    checks = Checks.of([(ALICE, Limits(tpm=600))])  # 10 tokens a second
+    b.admit(checks, 600)
+    clock.advance(1)
+    assert b.admit(checks, 10).headers["x-ratelimit-remaining-tokens"] == "0"
+    with pytest.raises(RateLimited):
+        b.admit(checks, 1)
+
+
+def test_a_rate_refusal_beside_a_quota_that_fits() -> None:
+    b, _ = backend()
+    checks = Checks.of([(TEAM, Limits(tpm=100))], [(ALICE, Quota(1000, "day"))])
+    b.admit(checks, 90)
+    with pytest.raises(RateLimited) as e:
+        b.admit(checks, 20)
+    assert "tokens per minute" in e.value.message
+    rpm = Checks.of([(TEAM, Limits(rpm=1))], [(BOB, Quota(1000, "month"))])
+    b.admit(rpm, 1)
+    with pytest.raises(RateLimited) as e:
+        b.admit(rpm, 1)
+    assert "requests per minute" in e.value.message
+
+
+def test_three_subjects_each_keep_their_own_level() -> None:
+    b, _ = backend()
+    rows = [(ALICE, Limits(rpm=10)), (TEAM, Limits(rpm=20)), (KEY, Limits(rpm=30))]
+    for subject, lim in rows:  # 9, 18 and 27 left before the shared request
+        b.admit(Checks.of([(subject, lim)]), 1)
+        if subject != ALICE:
+            b.admit(Checks.of([(subject, lim)]), 1)
+        if subject == KEY:
+            b.admit(Checks.of([(subject, lim)]), 1)
+    b.admit(Checks.of(rows), 1)  # 8, 17 and 26 left
+    for (subject, lim), left in zip(rows, (7, 16, 25), strict=True):
+        h = b.admit(Checks.of([(subject, lim)]), 1).headers
+        assert h["x-ratelimit-remaining-requests"] == str(left), subject
+
+
+@pytest.mark.parametrize("small_first", [True, False])
+def test_equal_whole_remaining_reports_the_smaller_limit_whatever_the_fractions(
+    small_first: bool,
+) -> None:
+    b, clock = backend()
+    small = (ALICE, Limits(rpm=60, tpm=600))
+    large = (TEAM, Limits(rpm=120, tpm=1200))
+    b.admit(Checks.of([(ALICE, Limits(rpm=60, tpm=600))]), 300)
+    for _ in range(3):
+        b.admit(Checks.of([(TEAM, Limits(rpm=120, tpm=1200))]), 300)
+    for _ in range(29):
+        b.admit(Checks.of([(ALICE, Limits(rpm=60))]), 1)
+    for _ in range(87):
+        b.admit(Checks.of([(TEAM, Limits(rpm=120))]), 1)
+    # alice: 30 requests and 300 tokens left, team: 30 and 300
+    clock.advance(0.025)  # alice +0.025 and +0.25, team +0.05 and +0.5
+    rows = [small, large] if small_first else [large, small]
+    h = b.admit(Checks.of(rows), 1).headers  # 29.025 / 29.05 and 299.25 / 299.5 left
+    assert h["x-ratelimit-limit-requests"] == "60" and h["x-ratelimit-remaining-requests"] == "29"
+    assert h["x-ratelimit-limit-tokens"] == "600" and h["x-ratelimit-remaining-tokens"] == "299"
+
+
+def test_a_concurrency_refusal_is_not_blamed_on_a_bucket_with_a_request_left() -> None:
+    b, _ = backend()
+    checks = Checks.of([(ALICE, Limits(rpm=60, max_concurrent=1))])
+    for _ in range(58):
+        b.admit(checks, 1).settle(0, 0)
+    b.admit(checks, 1)  # holds the slot; exactly 1 request left in the bucket
+    with pytest.raises(RateLimited) as e:
+        b.admit(checks, 1)
+    assert "concurrent" in e.value.message and "alice" in e.value.message
+    b2, _ = backend()
+    checks = Checks.of([(ALICE, Limits(rpm=60, max_concurrent=1))])
+    for _ in range(57):
+        b2.admit(checks, 1).settle(0, 0)
+    b2.admit(checks, 1)  # 2 left
+    with pytest.raises(RateLimited) as e:
+        b2.admit(checks, 1)
+    assert "concurrent" in e.value.message
+
+
+def test_a_concurrency_refusal_names_the_subject_whose_slots_are_full() -> None:
+    b, _ = backend()
+    checks = Checks.of([(ALICE, Limits(max_concurrent=5)), (TEAM, Limits(max_concurrent=1))])
+    b.admit(checks, 1)
+    with pytest.raises(RateLimited) as e:
+        b.admit(checks, 1)
+    assert "group 'team'" in e.value.message and "limit is 1" in e.value.message
