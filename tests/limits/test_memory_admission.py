@@ -358,3 +358,18 @@ def test_a_concurrency_refusal_names_the_subject_whose_slots_are_full() -> None:
     with pytest.raises(RateLimited) as e:
         b.admit(checks, 1)
     assert "group 'team'" in e.value.message and "limit is 1" in e.value.message
+
+
+def test_a_new_day_keeps_this_months_quota_counters() -> None:
+    import datetime as dt
+
+    wall = FakeClock(dt.datetime(2026, 11, 24, 23, 59, 0, tzinfo=dt.UTC).timestamp())
+    b = MemoryBackend(clock=FakeClock(), wall=wall)
+    month = Checks.of([], [(TEAM, Quota(100, "month"))])
+    b.admit(month, 60)
+    wall.advance(120)  # the 25th: a day quota's first request opens the new day
+    b.admit(Checks.of([], [(ALICE, Quota(100, "day"))]), 1)
+    again = Checks.of([], [(TEAM, Quota(100, "month"))])  # compiled afresh (a reloaded key)
+    with pytest.raises(QuotaExceeded):
+        b.admit(again, 41)
+    b.admit(again, 40)

@@ -23,6 +23,8 @@ PERIODS = [
     ("2026-11-24T03:35:00", "month", "2026-11", "2026-12-01T00:00:00"),
     ("2026-12-15T00:00:00", "month", "2026-12", "2027-01-01T00:00:00"),
     ("2028-02-29T10:00:00", "month", "2028-02", "2028-03-01T00:00:00"),
+    ("2026-11-24T13:45:17.25", "month", "2026-11", "2026-12-01T00:00:00"),
+    ("2026-11-24T13:45:17.25", "day", "2026-11-24", "2026-11-25T00:00:00"),
 ]
 
 
@@ -30,6 +32,9 @@ PERIODS = [
 def test_periods(now: str, period: quotas.Period, key: str, end: str) -> None:
     assert quotas.period_key(ts(now), period) == key
     assert quotas.period_end(ts(now), period).timestamp() == ts(end)
+    start = quotas.period_start(ts(now), period)
+    assert start.tzinfo is not None and start.utcoffset() == dt.timedelta(0)
+    assert start.isoformat().startswith(key) and start.time() == dt.time(0)
 
 
 FITS = [
