@@ -37,6 +37,7 @@ from types import ModuleType
 from typing import IO, Any, NoReturn
 
 import pytest
+from vllm_offline import OFFLINE_ENV
 
 from fleetgate.localnet import free_port
 
@@ -304,10 +305,7 @@ def vllm_argv(python: Path, model_dir: Path, port: int) -> list[str]:
 def vllm_env() -> dict[str, str]:
     return {
         **os.environ,
-        "HF_HUB_OFFLINE": "1",  # never reach for the model hub
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
+        **OFFLINE_ENV,
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),  # GiB
         "PYTHONUNBUFFERED": "1",
     }

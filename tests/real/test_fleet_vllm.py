@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from vllm_offline import OFFLINE_ENV
 
 from fleetgate.fleet.launchers.local import processes
 
@@ -87,13 +88,7 @@ def _config(work: Path, port: int, vllm_python: Path, model_dir: Path) -> dict[s
                     "type": "local",
                     "command": command,
                     "model_path": str(model_dir),
-                    "env": {
-                        "HF_HUB_OFFLINE": "1",
-                        "TRANSFORMERS_OFFLINE": "1",
-                        "VLLM_CPU_KVCACHE_SPACE": "1",
-                        "VLLM_NO_USAGE_STATS": "1",
-                        "DO_NOT_TRACK": "1",
-                    },
+                    "env": dict(OFFLINE_ENV),
                     "log_dir": str(work / "logs"),
                     "start_timeout_s": 600,
                     "stop_grace_s": 30,

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "slurm"))
 
 from cluster import Cluster, missing  # noqa: E402
 from e2e import FLEETGATE, Fleet  # noqa: E402
+from vllm_offline import OFFLINE_ENV  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -56,13 +57,7 @@ def _model(tmp: Path, vllm_python: Path, model_dir: Path) -> dict[str, Any]:
             "command": command,
             "model_path": str(model_dir),
             "callback_url": "http://127.0.0.1:1",  # set below, once the port is known
-            "env": {
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1",
-                "VLLM_CPU_KVCACHE_SPACE": "1",
-                "VLLM_NO_USAGE_STATS": "1",
-                "DO_NOT_TRACK": "1",
-            },
+            "env": dict(OFFLINE_ENV),
             "cpus_per_task": 1,
             "mem": "6000M",
             "time_limit": "00:30:00",

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from vllm_offline import OFFLINE_ENV
 
 from fleetgate.fleet.launchers.local import processes
 from fleetgate.localnet import free_port
@@ -50,13 +51,7 @@ def _config(work: Path, port: int, vllm_python: Path, model_dir: Path) -> dict[s
                 "backend": {
                     "type": "local",
                     "command": command,
-                    "env": {
-                        "HF_HUB_OFFLINE": "1",
-                        "TRANSFORMERS_OFFLINE": "1",
-                        "VLLM_CPU_KVCACHE_SPACE": "1",
-                        "VLLM_NO_USAGE_STATS": "1",
-                        "DO_NOT_TRACK": "1",
-                    },
+                    "env": dict(OFFLINE_ENV),
                     "log_dir": str(work / "logs"),
                     "start_timeout_s": 600,
                     "stop_grace_s": 30,
