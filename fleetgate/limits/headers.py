@@ -82,6 +82,16 @@ _TEMPLATES = {
 }
 
 
+def _ceil_ms(ms: float) -> int:
+    """``math.ceil(round(ms, 6))`` for ``ms > 0`` (format_duration's rounding), without
+    ``round``'s decimal conversion unless ``ms`` is within 1e-6 above a whole number (anything
+    further above rounds to more than it, so its ceiling is the next one)."""
+    whole = int(ms)
+    if ms - whole > 1e-6:
+        return whole + 1
+    return math.ceil(round(ms, 6))
+
+
 def bucket_head(kind: bytes, capacity: int, level: float) -> bytes:
     """One bucket's three headers (``kind``: ``b"requests"`` or ``b"tokens"``) as header lines,
     one format per bucket: what :func:`rate_headers` writes for ``RateView.of(capacity, level)``,
@@ -89,7 +99,7 @@ def bucket_head(kind: bytes, capacity: int, level: float) -> bytes:
     remaining = math.floor(level) if level > 0 else 0
     # until_full_s and format_duration, inlined for the usual case (a reset under a second).
     seconds = (capacity - level) * 60.0 / capacity
-    ms = math.ceil(round(seconds * 1000, 6)) if seconds > 0 else 0
+    ms = _ceil_ms(seconds * 1000) if seconds > 0 else 0
     reset = b"%dms" % ms if 0 < ms < 1000 else format_duration(max(0.0, seconds)).encode()
     return _TEMPLATES[kind] % (capacity, remaining, reset)
 
@@ -99,16 +109,6 @@ _BOTH = (
     b"x-ratelimit-reset-requests: %dms\r\nx-ratelimit-limit-tokens: %d\r\n"
     b"x-ratelimit-remaining-tokens: %d\r\nx-ratelimit-reset-tokens: %dms\r\n"
 )
-
-
-def _ceil_ms(ms: float) -> int:
-    """``math.ceil(round(ms, 6))`` for ``ms > 0`` (format_duration's rounding), without
-    ``round``'s decimal conversion unless ``ms`` is within 1e-6 above a whole number (anything
-    further above rounds to more than it, so its ceiling is the next one)."""
-    whole = int(ms)
-    if ms - whole > 1e-6:
-        return whole + 1
-    return math.ceil(round(ms, 6))
 
 
 def rate_head(r_cap: int | None, r_level: float, t_cap: int | None, t_level: float) -> bytes:

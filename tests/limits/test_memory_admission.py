@@ -5,6 +5,8 @@ scripts/mutants.sh``): each test here fails on a mutant that survived the older 
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -361,8 +363,6 @@ def test_a_concurrency_refusal_names_the_subject_whose_slots_are_full() -> None:
 
 
 def test_a_new_day_keeps_this_months_quota_counters() -> None:
-    import datetime as dt
-
     wall = FakeClock(dt.datetime(2026, 11, 24, 23, 59, 0, tzinfo=dt.UTC).timestamp())
     b = MemoryBackend(clock=FakeClock(), wall=wall)
     month = Checks.of([], [(TEAM, Quota(100, "month"))])
