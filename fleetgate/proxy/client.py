@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -182,7 +183,7 @@ class UpstreamResponse:
     async def wait_started(self) -> None:
         while not self._started:
             if self._error is not None:
-                raise self._error
+                raise _afresh(self._error)
             await self._wait()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -199,7 +200,7 @@ class UpstreamResponse:
             elif self._complete:
                 return
             elif self._error is not None:
-                raise self._error
+                raise _afresh(self._error)
             else:
                 await self._wait()
 
@@ -243,6 +244,22 @@ class UpstreamResponse:
     release = close
 
 
+_SPENT_PARSER = httptools.HttpResponseParser(None)  # a closed connection's, never fed
+
+
+def _afresh(exc: BaseException) -> BaseException:
+    """A copy of a response's stored failure, to raise. Raising the stored exception itself would
+    hang this frame's traceback on it, and the frame names the response that keeps it: a
+    reference cycle (the response, its connection, the relay's frame and all it holds) left for
+    the cyclic collector on every failed or abandoned response. The original is the copy's cause."""
+    try:
+        fresh = copy.copy(exc)
+    except Exception:  # an exception type that can't be rebuilt from its arguments
+        return exc
+    fresh.__cause__ = exc
+    return fresh
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive connection to one upstream; one response at a time."""
 
@@ -264,6 +281,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.parser = _SPENT_PARSER  # it named this connection: a cycle left for the collector
         r = self.resp
         if r is not None:
             r._fail(UpstreamClosed("the upstream closed the connection"))

@@ -62,6 +62,9 @@ class _Refuse(Exception):
         self.err = err
 
 
+_SPENT_PARSER = httptools.HttpRequestParser(None)  # a closed connection's, never fed
+
+
 class Cycle:
     """One request and its response: the ASGI ``receive`` and ``send`` of that request."""
 
@@ -333,6 +336,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        # The parser names this protocol (its callbacks): a cycle that would leave every closed
+        # connection to the cyclic collector. Nothing is parsed after this.
+        self.dead_parser = True
+        self.parser = _SPENT_PARSER
         self.state.connections.discard(self)
         if self.linger is not None:
             self.linger.cancel()
@@ -515,6 +522,13 @@ class HttpProtocol(asyncio.Protocol):
                     log.error("the app returned without completing a response on %s %s",
                               c.scope["method"], c.scope["path"][:200])
                 self._abort_response(c)
+        finally:
+            # The scope and the cycle name each other. Unlinked here, a request's objects are
+            # freed when it ends; left, every request (its scope, headers and lists) waited
+            # for the cyclic collector, whose passes then ran about 20 times a second under load.
+            c.scope.pop(EXCHANGE, None)
+            if self.closing and self.active is c:
+                self.active = None  # the connection is gone; so is the cycle's link back to it
 
     def _abort_response(self, c: Cycle) -> None:
         """The app failed: a 500 if nothing was sent yet, else cut the connection."""
