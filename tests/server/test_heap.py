@@ -24,6 +24,7 @@ from server_helpers import running
 
 from fleetgate.app import create_app
 from fleetgate.server import Server, ServerOptions
+from fleetgate.server.server import GEN0_THRESHOLD
 
 _APP = textwrap.dedent("""
     import gc, sys
@@ -39,7 +40,7 @@ _APP = textwrap.dedent("""
                 await send({"type": msg["type"] + ".complete"})
                 if msg["type"] == "lifespan.shutdown":
                     return
-        body = b"%d" % gc.get_freeze_count()
+        body = b"%d %d" % (gc.get_freeze_count(), gc.get_threshold()[0])
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
@@ -53,19 +54,20 @@ def test_the_serving_process_freezes_what_start_up_built() -> None:
     p = subprocess.Popen([sys.executable, "-c", _APP, str(port)], start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", 30, p)
-        frozen = int(httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text)
+        frozen, young = map(int, httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.split())
         assert frozen > 20_000  # the app's start-up objects, at least
+        assert young == GEN0_THRESHOLD != 700  # CPython's own
     finally:
         stop(p)
     assert p.returncode == 0
 
 
 async def test_an_embedded_server_leaves_its_process_collector_alone() -> None:
-    before = gc.get_freeze_count()
+    before = gc.get_freeze_count(), gc.get_threshold()
     async with running() as srv:
         async with httpx.AsyncClient() as c:
             await c.get(f"http://127.0.0.1:{srv.port}/")
-    assert gc.get_freeze_count() == before
+    assert (gc.get_freeze_count(), gc.get_threshold()) == before
 
 
 async def _each_kind(c: httpx.AsyncClient, key: str) -> None:
