@@ -72,7 +72,8 @@ async def test_an_embedded_server_leaves_its_process_collector_alone() -> None:
 
 async def _each_kind(c: httpx.AsyncClient, key: str) -> None:
     """One request of each outcome: answered, streamed, a client leaving mid-stream, and the
-    refusals (no key, a wrong key, an unknown model, a body that isn't JSON)."""
+    refusals (no key, a wrong key, an unknown model, a body that isn't JSON, a cap, a rate
+    limit)."""
     h = {"Authorization": f"Bearer {key}"}
     chat = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     r = await c.post("/v1/chat/completions", json=chat, headers=h)
@@ -93,11 +94,22 @@ async def _each_kind(c: httpx.AsyncClient, key: str) -> None:
     assert (await c.post("/v1/chat/completions", json=nope, headers=h)).status_code == 404
     r = await c.post("/v1/chat/completions", content=b"{not json", headers=h)
     assert r.status_code == 400
+    capped = {**chat, "model": "capped", "max_tokens": 50}
+    r = await c.post("/v1/chat/completions", json=capped, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    for _ in range(2):  # an rpm of 1: the second is refused, if the first wasn't
+        r = await c.post("/v1/chat/completions", json={**chat, "model": "capped"}, headers=h)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
 
 
 async def test_requests_through_the_gateway_leave_no_cyclic_garbage(
         tmp_path: Path, sim_url: str) -> None:
-    app = create_app(settings_for(tmp_path, sim_url))
+    s = settings_for(tmp_path, sim_url)
+    capped = {"name": "capped", "served_name": "upstream-name", "api_key": "upstream-secret-key",
+              "backend": {"type": "static", "urls": [sim_url]},
+              "limits": {"rpm": 1, "max_tokens": 10}}
+    app = create_app(settings_for(tmp_path, sim_url, models=[
+        *(m.model_dump(mode="json", exclude_defaults=True) for m in s.models), capped]))
     server = Server(app, ServerOptions(port=0))
     started = asyncio.Event()
     task = asyncio.ensure_future(server.serve(started=started))
