@@ -784,7 +784,8 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
     This runs under load, beside the request path, in a worker thread that competes for the GIL.
     The events are flattened into one list of parameters (they are tuples in column order), and
     only the columns whose type needs it are converted. SQLite gets multi-row ``INSERT ...
-    VALUES`` statements of up to 512 rows (fewer where its bound-variable limit says so), so the
+    VALUES`` statements of up to 512 rows (fewer where its bound-variable limit says so; the
+    rest of a batch in power-of-two sizes, so that few statements are ever prepared), so the
     thread releases the GIL once per statement, not once per row as ``executemany`` does (each
     re-acquisition waits on the event loop's thread and stalls it in turn). PostgreSQL gets one
     ``COPY ... FROM STDIN`` (psycopg 3; another driver, its ``executemany``). SQLAlchemy's own
