@@ -119,10 +119,11 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(**opts: Any) -> AsyncIterator[Running]:
+async def running(app: Any = None, **opts: Any) -> AsyncIterator[Running]:
+    """The server on a free port, in front of ``app`` (default: the recording app above)."""
     seen = Seen()
     o = {"port": 0, "header_timeout_s": 5, "keepalive_timeout_s": 5, **opts}
-    server = Server(make_app(seen), ServerOptions(**o))
+    server = Server(make_app(seen) if app is None else app, ServerOptions(**o))
     started = asyncio.Event()
     task = asyncio.ensure_future(server.serve(started=started))
     await asyncio.wait_for(started.wait(), 10)

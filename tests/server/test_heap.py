@@ -23,7 +23,6 @@ from helpers import GW, free_port, settings_for, stop, wait_http
 from server_helpers import running
 
 from fleetgate.app import create_app
-from fleetgate.server import Server, ServerOptions
 from fleetgate.server.server import GEN0_THRESHOLD
 
 _APP = textwrap.dedent("""
@@ -110,29 +109,21 @@ async def test_requests_through_the_gateway_leave_no_cyclic_garbage(
               "limits": {"rpm": 1, "max_tokens": 10}}
     app = create_app(settings_for(tmp_path, sim_url, models=[
         *(m.model_dump(mode="json", exclude_defaults=True) for m in s.models), capped]))
-    server = Server(app, ServerOptions(port=0))
-    started = asyncio.Event()
-    task = asyncio.ensure_future(server.serve(started=started))
-    await asyncio.wait_for(started.wait(), 30)
-    try:
-        key = GW(app, httpx.AsyncClient()).key("k")
+    async with running(app) as srv, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{srv.port}", timeout=30) as c:
+        key = GW(app, c).key("k")
         await app.authn.reload()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}",
-                                     timeout=30) as c:
-            await _each_kind(c, key)  # first-use caches fill here, not below
+        await _each_kind(c, key)  # first-use caches fill here, not below
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept, to be named
+        try:
+            for _ in range(10):
+                await _each_kind(c, key)
+            await asyncio.sleep(0.2)  # the hung-up streams' ends reach the gateway
             gc.collect()
-            gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept, to be named
-            try:
-                for _ in range(10):
-                    await _each_kind(c, key)
-                await asyncio.sleep(0.2)  # the hung-up streams' ends reach the gateway
-                gc.collect()
-                ours = Counter(type(o).__qualname__ for o in gc.garbage
-                               if type(o).__module__.startswith("fleetgate"))
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-        assert not ours, f"requests left reference cycles with: {dict(ours)}"
-    finally:
-        server.request_stop()
-        await asyncio.wait_for(task, 30)
+            ours = Counter(type(o).__qualname__ for o in gc.garbage
+                           if type(o).__module__.startswith("fleetgate"))
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert not ours, f"requests left reference cycles with: {dict(ours)}"
