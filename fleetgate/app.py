@@ -14,13 +14,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
 from fleetgate.api.admin import AdminRoutes
-from fleetgate.api.asgi import Receive, Scope, Send, send_error, send_json
+from fleetgate.api.asgi import Receive, Scope, Send, header, send_error, send_json
 from fleetgate.api.callbacks import CallbackRoutes
+from fleetgate.api.exchange import NativeExchange
 from fleetgate.api.fleet import FleetRoutes
 from fleetgate.api.localguard import LoopbackGuard
 from fleetgate.api.openai import OpenAIRoutes
@@ -30,6 +32,7 @@ from fleetgate.auth.networks import parse_networks
 from fleetgate.config import Settings
 from fleetgate.dataplane.admission import Admitter
 from fleetgate.dataplane.pipeline import Pipeline
+from fleetgate.dataplane.request import ENDPOINTS
 from fleetgate.dataplane.routes import RouteTable
 from fleetgate.errors import GatewayError
 from fleetgate.fleet.pool import Pool
@@ -88,6 +91,13 @@ class Gateway:
             trusted_proxies=parse_networks(settings.server.trusted_proxies),
         )
         self.guard = LoopbackGuard(settings.server.host) if settings.auth.mode == "none" else None
+        # The OpenAI routes the express path may take: those the router declares ``key`` (the
+        # express path enforces that auth, from the same key cache), in key mode only.
+        self._express = {
+            e.path: e for e in ENDPOINTS
+            if settings.auth.mode == "keys" and self.router.match("POST", e.path)[0].auth == "key"
+        }
+        self.express_paths = frozenset(self._express)
         self.started = False
         self._error_log: dict[str, tuple[float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -193,23 +203,48 @@ class Gateway:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def express(self, c: NativeExchange) -> bool:
+        """FleetGate's own server offers each request to the OpenAI routes whose body is in
+        (``express_paths``) here first: with a cached key, the pipeline runs it without a task
+        (:meth:`Pipeline.express`). False: anything else, served by the router as usual."""
+        scope = c.scope
+        principal = self.authn.cached(header(scope, b"authorization"))
+        if principal is None or principal.networks.restricted:
+            return False
         try:
-            if self.guard is not None:
-                self.guard.check(scope)
-            await self.router(scope, receive, send)
+            self.pipeline.express(self._express[scope["path"]], principal, c)
         except GatewayError as e:
-            if e.status >= 500:
-                self._log_server_error(e)
-            if self.portal is not None and scope["path"].startswith("/portal"):
-                await self.portal.error_page(scope, send, e)  # a browser's page, not JSON
-                return
-            await send_error(send, e)
+            c.resume(self._answer_error(scope, c.send, e))  # as the router's would be
+        return True
+
+    async def guarded(self, scope: Scope, send: Send, work: Awaitable[None]) -> None:
+        """Run a request's work (the router, or an express request's task) under the one error
+        handler."""
+        try:
+            await work
+        except GatewayError as e:
+            await self._answer_error(scope, send, e)
         except ConnectionAbortedError:
             return
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"][:200])
             await send_error(send, GatewayError("The gateway hit an internal error."))
+
+    async def _answer_error(self, scope: Scope, send: Send, e: GatewayError) -> None:
+        if e.status >= 500:
+            self._log_server_error(e)
+        if self.portal is not None and scope["path"].startswith("/portal"):
+            await self.portal.error_page(scope, send, e)  # a browser's page, not JSON
+            return
+        await send_error(send, e)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.guarded(scope, send, self._route(scope, receive, send))
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.guard is not None:
+            self.guard.check(scope)
+        await self.router(scope, receive, send)
 
     def _log_server_error(self, e: GatewayError) -> None:
         """Gateway-made 5xx answers, at most one line a second per code, with a count."""

@@ -26,7 +26,7 @@ Promises, for both:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from fleetgate.api.asgi import Receive, Scope, Send, read_body
@@ -52,6 +52,23 @@ class Exchange(Responder, Protocol):
     async def body(self, limit: int) -> bytes: ...
 
     def on_gone(self, fire: Callable[[], None] | None) -> None: ...
+
+
+class NativeExchange(Exchange, Protocol):
+    """FleetGate's own server's exchange, which the express path (``Pipeline.express``) drives
+    from callbacks, without a task: the body and the answer without awaiting, and a way to go
+    on in a task when a step must wait."""
+
+    scope: Scope
+    send: Send
+
+    def body_now(self, limit: int) -> bytes: ...
+
+    def respond_now(self, status: int, headers: RawHeaders, body: bytes) -> None: ...
+
+    def resume(self, work: Coroutine[Any, Any, None]) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def exchange(scope: Scope, receive: Receive, send: Send) -> Exchange:

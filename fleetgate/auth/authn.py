@@ -197,6 +197,23 @@ class Authenticator:
             return found
         return await self._from_store(token)
 
+    def cached(self, header: bytes | None) -> Principal | None:
+        """The caller of a request whose key is in the cache, fresh and valid, without waiting;
+        None for anything else (no key, a key to load, refused): :meth:`authenticate` decides
+        those."""
+        if self.settings.mode != "keys" or not header or header[:7] != b"Bearer ":
+            return None
+        token = header[7:].decode("latin-1")
+        if not keys.well_formed(token) or not self.store_readable():
+            return None
+        now = time.time()
+        entry = self._cache.get(keys.digest(token))
+        if entry is None or now - entry.cached_at > 2 * self.settings.cache_ttl_s:
+            return None
+        if entry.expires_at is not None and now >= entry.expires_at:
+            return None
+        return self._touch(entry, now)
+
     async def _from_store(self, token: str) -> Principal:
         if not self.store_readable():
             raise StoreUnavailable("The key store can't be read; refusing requests.", retry_after=5)
@@ -214,6 +231,9 @@ class Authenticator:
             raise AuthError(
                 f"API key '{keys.display_prefix(token)}' has expired.", code="expired_api_key"
             )
+        return self._touch(entry, now)
+
+    def _touch(self, entry: _Entry, now: float) -> Principal:
         p = entry.principal
         if p.key_id is not None and now - entry.touched >= LAST_USED_RESOLUTION_S:
             entry.touched = now

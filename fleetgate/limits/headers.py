@@ -119,10 +119,13 @@ def rate_head(r_cap: int | None, r_level: float, t_cap: int | None, t_level: flo
         r_s = (r_cap - r_level) * 60.0 / r_cap
         t_s = (t_cap - t_level) * 60.0 / t_cap
         if 0 < r_s < 0.999 and 0 < t_s < 0.999:
-            return _BOTH % (
-                r_cap, math.floor(r_level) if r_level > 0 else 0, _ceil_ms(r_s * 1000),
-                t_cap, math.floor(t_level) if t_level > 0 else 0, _ceil_ms(t_s * 1000),
-            )
+            r_ms = _ceil_ms(r_s * 1000)
+            t_ms = _ceil_ms(t_s * 1000)
+            if r_ms and t_ms:  # a reset that rounds to 0 ms is written "0s", as bucket_head does
+                return _BOTH % (
+                    r_cap, math.floor(r_level) if r_level > 0 else 0, r_ms,
+                    t_cap, math.floor(t_level) if t_level > 0 else 0, t_ms,
+                )
     head = b"" if r_cap is None else bucket_head(b"requests", r_cap, r_level)
     return head if t_cap is None else head + bucket_head(b"tokens", t_cap, t_level)
 

@@ -36,7 +36,7 @@ import asyncio
 import collections
 import copy
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -86,7 +86,7 @@ class UpstreamResponse:
     __slots__ = (
         *("status", "headers", "last_read", "got_bytes", "_conn", "_pool", "_chunks", "_size"),
         *("_waiter", "_started", "_complete", "_keep_alive", "_error", "_released", "_paused"),
-        *("_timer", "_timeout", "_head_bytes"),
+        *("_timer", "_timeout", "_head_bytes", "notify"),
     )
 
     def __init__(self, conn: _Conn, pool: _Pool, timeout_s: float) -> None:
@@ -108,6 +108,7 @@ class UpstreamResponse:
         self.last_read = loop.time()
         self.got_bytes = False
         self._head_bytes = 0
+        self.notify: Callable[[], None] | None = None
         # One lazy timer per response: re-armed from the last read only when it fires.
         self._timer: asyncio.TimerHandle | None = loop.call_at(
             self.last_read + timeout_s, self._check_timeout
@@ -126,6 +127,8 @@ class UpstreamResponse:
     # -- fed by the connection ---------------------------------------------------------------
 
     def _wake(self) -> None:
+        if self.notify is not None:
+            return  # told once the connection's read is parsed (or on a failure)
         w = self._waiter
         if w is not None:
             self._waiter = None
@@ -156,6 +159,33 @@ class UpstreamResponse:
             self._error = exc
         self._stop_timer()
         self._wake()
+        if self.notify is not None:
+            self.notify()
+
+    # -- for a caller told by ``notify`` rather than awaiting ----------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def complete_whole(self) -> bool:
+        """Whether the whole answer is in (and within the bound): :meth:`read_now` has it."""
+        return self._complete and self._error is None and self._size <= self._pool.max_body_bytes
+
+    def read_now(self) -> bytes:
+        """The whole answer, once :meth:`complete_whole`."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        if self._paused and self._conn.transport is not None:
+            self._paused = False  # the connection may go back to the pool: read it again
+            self._conn.transport.resume_reading()
+        return data
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -209,14 +239,7 @@ class UpstreamResponse:
         limit = self._pool.max_body_bytes
         if self._complete and self._size <= limit:
             # The usual case: the whole answer came with its head, nothing to wait for.
-            chunks = self._chunks
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-            self._size = 0
-            if self._paused and self._conn.transport is not None:
-                self._paused = False  # the connection may go back to the pool: read it again
-                self._conn.transport.resume_reading()
-            return data
+            return self.read_now()
         parts: list[bytes] = []
         size = 0
         async for chunk in self.iter_chunks():
@@ -320,6 +343,8 @@ class _Conn(asyncio.Protocol):
             r._head_bytes += len(data)
             if r._head_bytes > _MAX_HEAD:
                 self._reject(f"the upstream's response head went past {_MAX_HEAD} bytes")
+        if r.notify is not None:
+            r.notify()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -450,6 +475,20 @@ class _Pool:
             raise
         return conn
 
+    def take_idle(self, key: Key) -> _Conn | None:
+        """An idle connection to ``key`` with its slot taken, or None."""
+        o = self.origins.get(key)
+        if o is None or o.active >= self.limit:
+            return None
+        while o.idle:
+            c = o.idle.pop()
+            if not c.lost and not c.dirty:
+                o.active += 1
+                c.reused = True
+                return c
+            c.abort()
+        return None
+
     def release(self, conn: _Conn, reuse: bool) -> None:
         o = self._origin(conn.key)
         o.active -= 1
@@ -513,33 +552,58 @@ class Upstream:
             self._targets[(url, id(headers))] = t
         return t
 
+    def send_now(
+        self, url: str, body: bytes, headers: dict[str, str], gone: ClientGone,
+        notify: Callable[[], None],
+    ) -> UpstreamResponse | None:
+        """Send on an idle pooled connection at once, without waiting; None if there is none
+        (or no slot). ``notify`` is called on every change of the response's state."""
+        pool = self._pool
+        assert pool is not None, "Upstream.start() was not awaited"
+        key, head, _ = self._target(url, headers)
+        conn = pool.take_idle(key)
+        if conn is None:
+            return None
+        resp = UpstreamResponse(conn, pool, self.settings.upstream_read_timeout_s)
+        resp.notify = notify
+        conn.resp = resp
+        gone.response = resp
+        assert conn.transport is not None
+        conn.transport.write(b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body))
+        return resp
+
     async def open(
-        self, url: str, body: bytes, headers: dict[str, str], gone: ClientGone
+        self, url: str, body: bytes, headers: dict[str, str], gone: ClientGone,
+        sent: UpstreamResponse | None = None,
     ) -> UpstreamResponse:
-        """POST and wait for the status line. Raises a GatewayError if that fails."""
+        """POST and wait for the status line. Raises a GatewayError if that fails. ``sent``:
+        the request already went out as that response (:meth:`send_now`): wait for it."""
         pool = self._pool
         assert pool is not None, "Upstream.start() was not awaited"
         key, head, _ = self._target(url, headers)
         data = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
         for attempt in (0, 1):
-            try:
-                conn = await pool.acquire(key)
-            except TimeoutError:
-                raise UpstreamTimeout("The model's server did not answer in time.") from None
-            except ssl.SSLError as e:
-                raise UpstreamUnreachable(
-                    f"The TLS handshake with the model's server failed: {e.reason or e}."
-                ) from None
-            except OSError:
-                raise UpstreamUnreachable("The model's server can't be reached.") from None
-            resp = UpstreamResponse(conn, pool, self.settings.upstream_read_timeout_s)
-            conn.resp = resp
-            gone.response = resp
-            if gone.gone:
-                resp.close()
-                raise ConnectionAbortedError("the client went away")
-            assert conn.transport is not None
-            conn.transport.write(data)
+            if attempt == 0 and sent is not None:
+                resp, conn = sent, sent._conn
+            else:
+                try:
+                    conn = await pool.acquire(key)
+                except TimeoutError:
+                    raise UpstreamTimeout("The model's server did not answer in time.") from None
+                except ssl.SSLError as e:
+                    raise UpstreamUnreachable(
+                        f"The TLS handshake with the model's server failed: {e.reason or e}."
+                    ) from None
+                except OSError:
+                    raise UpstreamUnreachable("The model's server can't be reached.") from None
+                resp = UpstreamResponse(conn, pool, self.settings.upstream_read_timeout_s)
+                conn.resp = resp
+                gone.response = resp
+                if gone.gone:
+                    resp.close()
+                    raise ConnectionAbortedError("the client went away")
+                assert conn.transport is not None
+                conn.transport.write(data)
             try:
                 await resp.wait_started()
                 return resp

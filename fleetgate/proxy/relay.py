@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-from fleetgate.api.exchange import Responder
+from fleetgate.api.exchange import NativeExchange, Responder
 from fleetgate.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
 from fleetgate.proxy.client import ClientGone, ResponseTooLarge, UpstreamClosed, UpstreamResponse
 from fleetgate.proxy.usage_tap import UsageTap
@@ -142,6 +142,18 @@ async def relay_whole(resp: UpstreamResponse, out: Responder, tap: UsageTap) -> 
     data = tap.body(data) if resp.status == 200 else tap.apply_rewrite(data)
     tap.first_byte_at = time.monotonic()
     await out.respond(resp.status, _headers(resp, len(data)), data)
+
+
+def finish_whole(resp: UpstreamResponse, out: NativeExchange, tap: UsageTap) -> None:
+    """:func:`relay_whole` for an answer already whole (:meth:`UpstreamResponse.complete_whole`),
+    sent at once."""
+    try:
+        data = resp.read_now()
+    finally:
+        resp.release()
+    data = tap.body(data) if resp.status == 200 else tap.apply_rewrite(data)
+    tap.first_byte_at = time.monotonic()
+    out.respond_now(resp.status, _headers(resp, len(data)), data)
 
 
 async def relay_stream(

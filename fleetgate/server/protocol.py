@@ -23,7 +23,11 @@ Promises, per connection:
   ``send`` drops what it is given (as uvicorn does), so an app can finish its bookkeeping.
 
 All of it runs on the event loop thread; nothing here blocks. One asyncio task per request runs
-the app (an async app that awaits I/O needs one); everything else is a callback.
+the app (an async app that awaits I/O needs one); everything else is a callback. The exception:
+an app may take a request without a task (its ``express`` hook, see
+:class:`~fleetgate.server.server.ServerState`): a ``POST`` to one of its ``express_paths`` with a
+``Content-Length`` body of at most ``BODY_HIGH_WATER`` bytes and no ``Expect: 100-continue`` is
+offered to it once the whole body is in; pipelined requests never are.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -72,7 +76,7 @@ class Cycle:
         "proto", "scope", "chunks", "buffered", "received", "body_done", "final_delivered",
         "disconnected", "waiters", "started", "complete", "head", "chunked", "no_body",
         "length", "sent", "keep_alive", "expect_100", "body_since", "status", "extra_head",
-        "gone_cb",
+        "gone_cb", "express_ok", "deferred",
     )
 
     def __init__(self, proto: HttpProtocol, scope: dict[str, Any], keep_alive: bool,
@@ -99,6 +103,8 @@ class Cycle:
         self.status = 0
         self.extra_head = b""  # the Exchange's header lines, added to the head
         self.gone_cb: Callable[[], None] | None = None
+        self.express_ok = False
+        self.deferred = False
         scope[EXCHANGE] = self
 
     def wake(self) -> None:
@@ -150,6 +156,25 @@ class Cycle:
             return data
         return await read_body(self.scope, self.receive, limit)
 
+    def body_now(self, limit: int) -> bytes:
+        """The whole body, when it is all in (the express path runs only then)."""
+        data = self._take_body()
+        if len(data) > limit:
+            raise too_large(limit)
+        return data
+
+    def resume(self, work: Coroutine[Any, Any, None]) -> None:
+        """Go on with this request in a task, under the app's error handling."""
+        proto = self.proto
+        guarded = proto.state.guarded
+        assert guarded is not None  # only an app with an express path resumes
+        proto.run_task(self, guarded(self.scope, self.send, work))
+
+    def abort(self) -> None:
+        """The express path failed unexpectedly: a 500 if nothing was sent, else cut."""
+        if not self.complete:
+            self.proto._abort_response(self)
+
     def _take_body(self) -> bytes:
         """What is buffered of the body; reading resumes if it had paused for it."""
         chunks = self.chunks
@@ -186,6 +211,9 @@ class Cycle:
 
     async def respond(self, status: int, headers: Any, body: bytes) -> None:
         """A whole response: head and body in one write, no await."""
+        self.respond_now(status, headers, body)
+
+    def respond_now(self, status: int, headers: Any, body: bytes) -> None:
         if self.started:
             raise RuntimeError("the response started twice")
         self.started = True
@@ -346,6 +374,8 @@ class HttpProtocol(asyncio.Protocol):
         for c in (self.active, *self.queue):
             if c is not None:
                 c.lost()
+                if c.deferred:
+                    c.scope.pop(EXCHANGE, None)  # never run
         self.queue.clear()
         self._wake_drain()
 
@@ -470,6 +500,10 @@ class HttpProtocol(asyncio.Protocol):
         }
         keep_alive = p.should_keep_alive() and version == "1.1"
         c = Cycle(self, scope, keep_alive, self.expect_100, self.loop.time())
+        st = self.state
+        if (st.express is not None and path in st.express_paths and not self.expect_100
+                and 0 <= self.content_length <= BODY_HIGH_WATER and scope["method"] == "POST"):
+            c.express_ok = True
         self.parsing = c
         if self.active is None:
             self._run(c)
@@ -495,19 +529,45 @@ class HttpProtocol(asyncio.Protocol):
             c.body_done = True
             c.wake()
             self.parsing = None
+            if c.deferred:
+                c.deferred = False
+                self._run(c)
 
     # -- running requests ------------------------------------------------------------------
 
-    def _run(self, c: Cycle) -> None:
+    def _run(self, c: Cycle, express: bool = True) -> None:
+        """Start a request: offered to the app's express path (see :meth:`ServerState.express`)
+        once its body is in, if it may take it; else the app runs in a task."""
         self.active = c
+        if express and c.express_ok:
+            if not c.body_done:
+                c.deferred = True  # started by on_message_complete
+                return
+            take = self.state.express
+            assert take is not None  # express_ok is set only when the app has the hook
+            try:
+                if take(c):
+                    return
+            except Exception:
+                log.exception("error in the express path on %s", c.scope["path"][:200])
+                c.abort()
+                return
+        self.run_task(c, None)
+
+    def run_task(self, c: Cycle, work: Coroutine[Any, Any, None] | None) -> None:
+        """Run the app for ``c`` in a task, or ``work``: the rest of a request the express path
+        began (the app's ``guarded`` wraps it)."""
         st = self.state
-        task = self.loop.create_task(self._app(c))
+        task = self.loop.create_task(self._app(c, work))
         st.tasks.add(task)
         task.add_done_callback(st.tasks.discard)
 
-    async def _app(self, c: Cycle) -> None:
+    async def _app(self, c: Cycle, work: Coroutine[Any, Any, None] | None) -> None:
         try:
-            await self.state.app(c.scope, c.receive, c.send)
+            if work is None:
+                await self.state.app(c.scope, c.receive, c.send)
+            else:
+                await work
         except BaseException as e:
             if not isinstance(e, asyncio.CancelledError):
                 log.exception("error in the app on %s %s", c.scope["method"],
@@ -544,6 +604,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def response_done(self, c: Cycle) -> None:
         self.served += 1
+        if c.express_ok:
+            c.scope.pop(EXCHANGE, None)  # no task's end to unlink it (see _app)
         if self.state.access_log:
             s = c.scope
             access_log.info('%s - "%s %s HTTP/%s" %d', self.client[0] if self.client else "-",
@@ -556,7 +618,9 @@ class HttpProtocol(asyncio.Protocol):
         self.active = None
         now = self.loop.time()
         if self.queue:
-            self._run(self.queue.popleft())
+            # Pipelined: started in a task, never inside the previous request's own callbacks
+            # (its lease, grant and accounting are settled after its response went out).
+            self._run(self.queue.popleft(), express=False)
             self.update_reading()
             return
         if self.pending_refusal is not None:
@@ -643,6 +707,12 @@ class HttpProtocol(asyncio.Protocol):
             self.linger = self.loop.call_later(LINGER_S, t.close)
         else:
             t.close()
+
+    @property
+    def busy(self) -> bool:
+        """A request is under way on this connection (in a task or not)."""
+        c = self.active
+        return c is not None and not c.complete and not self.closing
 
     def shutdown(self) -> None:
         """The server is stopping: close now if idle, else after the response in progress."""

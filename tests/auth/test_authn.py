@@ -186,3 +186,65 @@ async def test_static_admin_tokens_are_admin_and_plain_ones_are_not():
     assert not (await a.authenticate(b"Bearer " + b"u" * 20)).admin
     with pytest.raises(AuthError):
         await a.authenticate(b"Bearer " + b"b" * 20)
+
+
+# -- cached: the express path's look-up, which never waits and never lets in more ----------------
+
+
+async def test_cached_finds_only_a_key_already_held_and_valid(engine, monkeypatch):
+    k = add_key(engine)
+    a = Authenticator(auth(), engine)
+    h = f"Bearer {k}".encode()
+    assert a.cached(h) is None  # not loaded yet: authenticate loads it (and may wait)
+    p = await a.authenticate(h)
+    assert a.cached(h) is p
+    assert a.cached(None) is None and a.cached(b"") is None
+    other = add_key(engine, name="other")
+    assert a.cached(f"Bearer {other}".encode()) is None  # in the store, not in the cache
+    # An entry past twice the cache's time to live missed its reloads: not trusted.
+    import fleetgate.auth.authn as authn_mod
+
+    now = authn_mod.time.time()
+    monkeypatch.setattr(authn_mod.time, "time", lambda: now + 2 * a.settings.cache_ttl_s + 1)
+    assert a.cached(h) is None
+
+
+async def test_cached_refuses_an_expired_key_and_an_unreadable_store(engine, monkeypatch):
+    k = add_key(engine)
+    a = Authenticator(auth(), engine)
+    h = f"Bearer {k}".encode()
+    await a.authenticate(h)
+    entry = next(iter(a._cache.values()))
+    monkeypatch.setattr(entry, "expires_at", 0.0)
+    assert a.cached(h) is None
+    with pytest.raises(AuthError):
+        await a.authenticate(h)
+    monkeypatch.setattr(entry, "expires_at", None)
+    assert a.cached(h) is not None
+    monkeypatch.setattr(a, "store_readable", lambda: False)
+    assert a.cached(h) is None  # fails closed, as authenticate does (503)
+
+
+async def test_cached_is_for_key_mode_only():
+    token = "sk-static-token-1234567890"
+    for a in (Authenticator(auth("static", tokens=[token]), None),
+              Authenticator(auth("none"), None)):
+        assert a.cached(f"Bearer {token}".encode()) is None
+
+
+async def test_whatever_cached_lets_in_authenticate_lets_in_as_the_same_caller(engine):
+    k = add_key(engine)
+    a = Authenticator(auth(), engine)
+    await a.authenticate(f"Bearer {k}".encode())
+    variants = [
+        f"Bearer {k}", f"bearer {k}", f"BEARER {k}", f"Bearer  {k}", f"Bearer {k} ",
+        f" Bearer {k}", f"Bearer\t{k}", f"Bearer {k}x", f"Bearer {k[:-1]}", f"Bearer {k} {k}",
+        f"Basic {k}", f"Digest {k}", k, f"Bearer {k}\x00", f"Bearer {k.upper()}", "Bearer ",
+    ]
+    for v in variants:
+        h = v.encode("latin-1")
+        got = a.cached(h)
+        if got is None:
+            continue  # left to authenticate, which decides (and may refuse)
+        assert await a.authenticate(h) is got, v
+    assert a.cached(f"Bearer {k}".encode()) is not None

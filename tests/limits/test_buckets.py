@@ -221,6 +221,16 @@ def _same_lines(r_cap: int | None, r_level: float, t_cap: int | None, t_level: f
     assert both == one_by_one
 
 
+def test_a_reset_under_a_microsecond_is_0s_in_either_format() -> None:
+    # Found by the property above: a bucket short of full by a hair resets in 0 ms once rounded;
+    # the one-format path wrote "0ms" where a bucket's own lines write "0s".
+    head = rate_head(1, 1 - 0.5 / 60, 1, 1 - 1.5e-12)
+    assert b"x-ratelimit-reset-tokens: 0s\r\n" in head
+    assert b"x-ratelimit-reset-requests: 500ms\r\n" in head
+    _same_lines(1, 1 - 0.5 / 60, 1, 1 - 1.5e-12)
+    _same_lines(10, 10 - 1e-13, 60_000, 60_000 - 1.0)
+
+
 def test_one_format_covers_resets_under_a_second_at_its_edges() -> None:
     # A bucket 1 token short of full at 60,000/minute resets in 1 ms; at 61/minute in 984 ms.
     assert rate_head(60_000, 59_999.0, 61, 60.0) == (
