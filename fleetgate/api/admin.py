@@ -125,9 +125,12 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "weight": {"type": "number", "exclusiveMinimum": 0}, "user": {"type": "string"},
     "expires": _DURATION, "overlap": _DURATION, "admin": {"type": "boolean"},
     # Each limit a whole number; 0 or null removes it (on a PATCH, only the limits named change).
-    "limits": {"type": "object", "additionalProperties": False, "properties": {
-        f: {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
-        for f in LIMIT_FIELDS}},
+    # ``"limits": null`` is the same as leaving the member out.
+    "limits": {"anyOf": [
+        {"type": "object", "additionalProperties": False, "properties": {
+            f: {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
+            for f in LIMIT_FIELDS}},
+        {"type": "null"}]},
     "quota": {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["tokens"],
                          "properties": {"tokens": {"type": "integer", "minimum": 0},
                                         "period": {"enum": ["day", "month"]}}},
