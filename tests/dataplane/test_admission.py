@@ -130,10 +130,21 @@ async def test_fair_share_queues_past_the_per_replica_cap_with_keepalives(
     key = gw.key()
     h = {"Authorization": f"Bearer {key}"}
     long_req = {**CHAT, "max_tokens": 30}  # 1.5 s at 20 tokens/s
+
+    async def until(check: Any, what: str) -> None:  # a loaded machine is slow to get there
+        for _ in range(500):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not reached: {what}")
+
     try:
         first = asyncio.create_task(gw.client.post("/v1/chat/completions", json=long_req,
                                                    headers=h))
-        await asyncio.sleep(0.3)
+        admitter = gw.app.pipeline.admitter
+        await until(lambda: "sim" in admitter._gates and admitter._gates["sim"].in_flight == 1,
+                    "the first request holds the one slot")
+        gate = admitter._gates["sim"]
         # The one slot is taken: a stream waits in the queue, with its head and a comment.
         lines: list[str] = []
 
@@ -145,7 +156,7 @@ async def test_fair_share_queues_past_the_per_replica_cap_with_keepalives(
                     lines.append(line)
 
         waiting = asyncio.create_task(streamed())
-        await asyncio.sleep(0.3)
+        await until(lambda: gate.waiting == 1, "the stream waits in the queue")
         # The queue holds one: a third request is refused at once.
         third = await gw.client.post("/v1/chat/completions", json=CHAT, headers=h)
         assert third.status_code == 503 and third.json()["error"]["code"] == "queue_full"
