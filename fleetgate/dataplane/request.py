@@ -124,7 +124,7 @@ def parse(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen dataclass's __init__ costs 3x as much
 class UpstreamBody:
     body: bytes
     hide_usage_event: bool  # the gateway asked for the final usage event; the client didn't

@@ -97,6 +97,16 @@ class Server:
                 if path == "/hold":
                     await asyncio.wait_for(r.read(), 30)  # hold the slot until closed
                     return
+                if path == "/trickle":
+                    # A chunked body, a piece every 0.15 s for 0.9 s: never silent for 0.3 s.
+                    w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    for _ in range(6):
+                        await w.drain()
+                        await asyncio.sleep(0.15)
+                        w.write(b"1\r\nx\r\n")
+                    w.write(b"0\r\n\r\n")
+                    await w.drain()
+                    continue
                 if path == "/chunked":
                     w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n")
@@ -195,6 +205,32 @@ async def test_silent_upstream_times_out_as_504(server):
     with pytest.raises(UpstreamTimeout):
         await post(u, url + "/silent")
     await u.stop()
+
+
+async def test_the_read_timeout_counts_from_the_last_byte_not_the_start(server):
+    _, url = server
+    u = await client(upstream_read_timeout_s=0.3)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    status, body, _ = await post(u, url + "/trickle")  # 0.9 s in all, never 0.3 s silent
+    assert (status, body) == (200, b"x" * 6) and loop.time() - t0 > 0.85
+    t0 = loop.time()
+    with pytest.raises(UpstreamTimeout):
+        await post(u, url + "/silent")
+    # Found by the pool's sweep, a quarter of the timeout apart: late by at most that.
+    assert 0.3 <= loop.time() - t0 < 0.3 + 0.075 + 0.1
+    assert not u._pool.reading  # type: ignore[union-attr]  # nothing left watched
+    await u.stop()
+
+
+async def test_stopping_stops_the_sweep(server):
+    _, url = server
+    u = await client(upstream_read_timeout_s=0.3)
+    assert (await post(u, url + "/ok"))[0] == 200
+    sweeper = u._pool._sweeper  # type: ignore[union-attr]
+    assert sweeper is not None and not sweeper.done()
+    await u.stop()
+    assert sweeper.cancelled()
 
 
 async def test_malformed_response_is_502(server):
