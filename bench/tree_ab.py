@@ -15,8 +15,11 @@ swapped every round so neither always goes first):
   requests/s, latency, and the gateway's CPU per request (its process tree's user+system time
   over the run, divided by the requests);
 * scenario 2: an open loop at ``--rate`` requests/s (1,000 by default) for ``--rate-duration``;
-  the latency percentiles, and the added latency against the same load sent to nginx directly in
-  the same round.
+  the latency percentiles, the added latency against the same load sent to nginx directly in
+  the same round, and the gateway's CPU per request at that rate (over the warm-up and the run,
+  divided by every request sent): at a fixed rate each contender does the same work per turn of
+  its event loop, so this is steadier than scenario 1's, and it counts the per-request wake-ups
+  that a saturated loop amortises.
 
 ``--limits-before/--limits-after`` put limits on a contender's key (``issue``: issue 9's bar
 set-up; ``everywhere``: the heaviest common set-up) and ``--redis`` starts a ``redis-server`` and
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                             r = wrk.run(run.url, script, duration_s=a.duration)
                         h = {"Authorization": f"Bearer {keys[name]}"}
                         tgt = loadgen.Target(run.host, run.port, CHAT, upstream.REQUEST, h)
-                        r2 = _open_loop(tgt, a)
+                        with Sampler(run.proc.pid) as smp2:
+                            r2 = _open_loop(tgt, a)
                         procs.stop(run.proc)
                         r.update(
                             contender=name, round=rnd,
@@ -182,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                             s2_p50_ms=r2["p50_ms"], s2_p99_ms=r2["p99_ms"],
                             s2_added_p50_ms=r2["p50_ms"] - d2["p50_ms"],
                             s2_added_p99_ms=r2["p99_ms"] - d2["p99_ms"],
+                            # over the warm-up and the measured part: every request sent
+                            s2_cpu_us_per_req=1e6 * smp2.cpu_s / max(
+                                1, round(a.rate * (a.warmup + a.rate_duration))),
                         )
                         runs.append(r)
                         print(f"round {rnd} {name:6s} s1 {r['rps']:8,.0f} req/s "
                               f"{r['cpu_us_per_req']:5.0f} us/req p99 {r['p99_ms']:.2f} ms | "
                               f"s2 added p50 {r['s2_added_p50_ms']:+.3f} ms "
-                              f"p99 {r['s2_added_p99_ms']:+.3f} ms", flush=True)
+                              f"p99 {r['s2_added_p99_ms']:+.3f} ms "
+                              f"{r['s2_cpu_us_per_req']:4.0f} us/req", flush=True)
         finally:
             for tree in trees.values():
                 drop_worktree(tree)
@@ -196,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in runs if r["contender"] == name]
         summary[name] = {
             k: statistics.median(r[k] for r in mine)
-            for k in ("rps", "cpu_us_per_req", "s2_added_p50_ms", "s2_added_p99_ms")
+            for k in ("rps", "cpu_us_per_req", "s2_added_p50_ms", "s2_added_p99_ms",
+                      "s2_cpu_us_per_req")
         }
     ratios = [
         next(r for r in runs if r["round"] == i and r["contender"] == "after")["rps"]
