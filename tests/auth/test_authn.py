@@ -225,6 +225,23 @@ async def test_cached_refuses_an_expired_key_and_an_unreadable_store(engine, mon
     assert a.cached(h) is None  # fails closed, as authenticate does (503)
 
 
+async def test_cached_at_the_exact_edges_of_expiry_and_staleness(engine, monkeypatch):
+    import fleetgate.auth.authn as authn_mod
+
+    k = add_key(engine)
+    a = Authenticator(auth(), engine)
+    h = f"Bearer {k}".encode()
+    await a.authenticate(h)
+    entry = next(iter(a._cache.values()))
+    at = entry.cached_at + 2 * a.settings.cache_ttl_s  # the last instant the entry is trusted
+    monkeypatch.setattr(authn_mod.time, "time", lambda: at)
+    assert a.cached(h) is not None
+    monkeypatch.setattr(entry, "expires_at", at)  # expired from its expiry instant on
+    assert a.cached(h) is None
+    with pytest.raises(AuthError):
+        await a.authenticate(h)
+
+
 async def test_cached_is_for_key_mode_only():
     token = "sk-static-token-1234567890"
     for a in (Authenticator(auth("static", tokens=[token]), None),
