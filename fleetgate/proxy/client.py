@@ -465,12 +465,9 @@ class _Pool:
         if o.active >= self.limit:
             await self._wait_for_slot(o)
         o.active += 1
-        while o.idle:
-            c = o.idle.pop()
-            if not c.lost and not c.dirty:
-                c.reused = True
-                return c
-            c.abort()
+        c = self._pop_idle(o)
+        if c is not None:
+            return c
         scheme, host, port = key
         tls = self.tls if scheme == "https" else None
         try:
@@ -487,14 +484,21 @@ class _Pool:
         return conn
 
     def take_idle(self, key: Key) -> _Conn | None:
-        """An idle connection to ``key`` with its slot taken, or None."""
+        """An idle connection to ``key`` with its slot taken, or None (without waiting)."""
         o = self.origins.get(key)
         if o is None or o.active >= self.limit:
             return None
+        c = self._pop_idle(o)
+        if c is not None:
+            o.active += 1
+        return c
+
+    @staticmethod
+    def _pop_idle(o: _Origin) -> _Conn | None:
+        """The most recently idle connection still usable (the dead ones are closed), or None."""
         while o.idle:
             c = o.idle.pop()
             if not c.lost and not c.dirty:
-                o.active += 1
                 c.reused = True
                 return c
             c.abort()
@@ -521,6 +525,11 @@ class _Pool:
         if sweeper is not None:
             sweeper.cancel()
         return sweeper
+
+
+def _request(head: bytes, body: bytes) -> bytes:
+    """The request as written: its head (from ``Upstream._target``), length and body."""
+    return b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
 
 
 def tls_context(settings: ServerSettings) -> ssl.SSLContext:
@@ -583,12 +592,21 @@ class Upstream:
         conn = pool.take_idle(key)
         if conn is None:
             return None
+        resp = self._response(conn, pool, gone, notify)
+        assert conn.transport is not None
+        conn.transport.write(_request(head, body))
+        return resp
+
+    def _response(
+        self, conn: _Conn, pool: _Pool, gone: ClientGone,
+        notify: Callable[[], None] | None = None,
+    ) -> UpstreamResponse:
+        """The response to the request about to go out on ``conn``, where the connection and a
+        client's disconnect find it."""
         resp = UpstreamResponse(conn, pool, self.settings.upstream_read_timeout_s)
         resp.notify = notify
         conn.resp = resp
         gone.response = resp
-        assert conn.transport is not None
-        conn.transport.write(b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body))
         return resp
 
     async def open(
@@ -600,7 +618,7 @@ class Upstream:
         pool = self._pool
         assert pool is not None, "Upstream.start() was not awaited"
         key, head, _ = self._target(url, headers)
-        data = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
+        data = _request(head, body)
         for attempt in (0, 1):
             if attempt == 0 and sent is not None:
                 resp, conn = sent, sent._conn
@@ -615,9 +633,7 @@ class Upstream:
                     ) from None
                 except OSError:
                     raise UpstreamUnreachable("The model's server can't be reached.") from None
-                resp = UpstreamResponse(conn, pool, self.settings.upstream_read_timeout_s)
-                conn.resp = resp
-                gone.response = resp
+                resp = self._response(conn, pool, gone)
                 if gone.gone:
                     resp.close()
                     raise ConnectionAbortedError("the client went away")

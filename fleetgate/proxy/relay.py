@@ -139,9 +139,7 @@ async def relay_whole(resp: UpstreamResponse, out: Responder, tap: UsageTap) -> 
         raise _too_large("a response larger than server.max_upstream_response_bytes") from None
     finally:
         resp.release()
-    data = tap.body(data) if resp.status == 200 else tap.apply_rewrite(data)
-    tap.first_byte_at = time.monotonic()
-    await out.respond(resp.status, _headers(resp, len(data)), data)
+    await out.respond(*_answer(resp, data, tap))
 
 
 def finish_whole(resp: UpstreamResponse, out: NativeExchange, tap: UsageTap) -> None:
@@ -151,9 +149,17 @@ def finish_whole(resp: UpstreamResponse, out: NativeExchange, tap: UsageTap) -> 
         data = resp.read_now()
     finally:
         resp.release()
+    out.respond_now(*_answer(resp, data, tap))
+
+
+def _answer(
+    resp: UpstreamResponse, data: bytes, tap: UsageTap
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A whole answer as the client gets it (its usage noted, the model renamed): status,
+    headers, body."""
     data = tap.body(data) if resp.status == 200 else tap.apply_rewrite(data)
     tap.first_byte_at = time.monotonic()
-    out.respond_now(resp.status, _headers(resp, len(data)), data)
+    return resp.status, _headers(resp, len(data)), data
 
 
 async def relay_stream(

@@ -707,8 +707,12 @@ def _sqlite_chunk(conn: Connection) -> int:
     limit and ``_SQLITE_MAX_ROWS``."""
     dbapi = conn.connection.driver_connection
     limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)  # type: ignore[union-attr]
-    rows = max(1, min(_SQLITE_MAX_ROWS, limit // _NCOLS))
-    return 1 << (rows.bit_length() - 1)
+    return _pow2_floor(max(1, min(_SQLITE_MAX_ROWS, limit // _NCOLS)))
+
+
+def _pow2_floor(n: int) -> int:
+    """The largest power of two at most ``n`` (``n`` >= 1)."""
+    return 1 << (n.bit_length() - 1)
 
 
 def _sqlite_sizes(rows: int, chunk: int) -> list[int]:
@@ -723,7 +727,7 @@ def _sqlite_sizes(rows: int, chunk: int) -> list[int]:
     sizes = [chunk] * (rows // chunk)
     rest = rows % chunk
     while rest:
-        top = 1 << (rest.bit_length() - 1)
+        top = _pow2_floor(rest)
         sizes.append(top)
         rest -= top
     return sizes
