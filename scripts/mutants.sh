@@ -3,6 +3,7 @@
 #
 #   scripts/mutants.sh [DEST]          # DEST defaults to /tmp/fleetgate-mutants
 #   MUTANTS_SET=limits scripts/mutants.sh /tmp/fleetgate-mutants-limits   # admission instead
+#   MUTANTS_SET=server scripts/mutants.sh /tmp/fleetgate-mutants-server   # the front door's parsing
 #
 # mutmut rewrites the code it mutates, so it never runs in the checkout: the tracked and
 # untracked (not ignored) files are copied to DEST, the mutmut settings are written to DEST's
@@ -58,7 +59,15 @@ case "${MUTANTS_SET:-auth}" in
            tests/limits/test_buckets.py tests/limits/test_limits_spec.py
            tests/limits/test_quotas.py)
     select=(-k "not redis") ;;
-  *) echo "MUTANTS_SET is auth (the default) or limits, not ${MUTANTS_SET}" >&2; exit 2 ;;
+  server)
+    # The front door: what the server lets through to the app and what it refuses (framing,
+    # head and body bounds, timeouts, response-header checks), against the in-process server
+    # tests (the real server on loopback, no subprocess).
+    mutate=(fleetgate/server/protocol.py fleetgate/server/wire.py)
+    tests=(tests/server/test_http11.py tests/server/test_wire.py tests/server/test_fuzz.py
+           tests/server/test_front_door.py)
+    select=() ;;
+  *) echo "MUTANTS_SET is auth (the default), limits or server, not ${MUTANTS_SET}" >&2; exit 2 ;;
 esac
 {
   printf '[mutmut]\nprocess_isolation=forkserver\nsource_paths=fleetgate/\nonly_mutate=\n'
@@ -71,6 +80,10 @@ esac
 
 cd "$dest"
 export FLEETGATE_SKIP_POSTGRES=1
-timeout "${MUTANTS_TIMEOUT_S:-3600}" python -m mutmut run --max-children "${MUTANTS_JOBS:-2}"
+# MUTANTS_ONLY: mutmut's mutant-name globs, space-separated, to run part of a set (e.g.
+# "fleetgate.server.protocol.xǁHttpProtocolǁon_header__mutmut_*"); all of it when unset.
+read -r -a only <<<"${MUTANTS_ONLY:-}"
+timeout "${MUTANTS_TIMEOUT_S:-3600}" python -m mutmut run --max-children "${MUTANTS_JOBS:-2}" \
+  "${only[@]}"
 python "$repo/scripts/mutants_report.py"
 echo "one mutant's diff: (cd $dest && python -m mutmut show NAME)"

@@ -195,6 +195,35 @@ async def test_what_must_wait_goes_on_in_a_task(served: Served) -> None:
     assert r.status_code == 401 and served.tasks[-1] == "app"
 
 
+async def test_a_body_that_arrives_after_its_head_is_served_once_it_is_in(
+        served: Served, upstream: Upstream) -> None:
+    # The server offers the request to the express path only when the whole body is in: a head
+    # whose body comes in a later read waits for it, then is served the same way, once.
+    assert (await served.chat()).status_code == 200
+    served.tasks.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    body = json.dumps(CHAT).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                 % (served.key.encode(), len(body)))
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    for part in (body[:10], body[10:]):
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    data = b""
+    while not data.endswith(PUBLIC):
+        more = await asyncio.wait_for(reader.read(65536), 5)
+        assert more, data
+        data += more
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.count(b"HTTP/1.1 ") == 1, data
+    assert served.tasks == []  # no task: the express path served it when the body was in
+    assert upstream.requests == 2
+    assert [x["status"] for x in await served.rows()] == [200, 200]
+
+
 async def test_an_answer_in_pieces_is_relayed_whole(served: Served, upstream: Upstream) -> None:
     assert (await served.chat()).status_code == 200
     upstream.mode = "pieces"

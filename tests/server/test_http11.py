@@ -196,9 +196,62 @@ async def test_header_bytes_and_count_limits_get_431() -> None:
         many = b"".join(b"X-%d: v\r\n" % i for i in range(21))
         r = await c.one(b"GET /echo HTTP/1.1\r\n" + many + b"\r\n")
         assert r.status == 431
+        assert "more than 20 header lines" in json.loads(r.body)["error"]["message"]
         c = await Conn.open(srv.port)
         assert (await c.one(GET)).status == 200
         assert srv.seen.requests == [{"path": "/echo", "query": {}}]
+
+
+async def test_the_head_limit_counts_the_target_and_each_header_line_to_the_byte() -> None:
+    # max_header_bytes bounds the request target plus every header line as sent ("name: value"
+    # and its CRLF): a head exactly at the limit is served, one byte more is a 431. The long
+    # name makes a count that left names out (or miscounted a line's four bytes) visible.
+    limit = 300
+    name = b"X-" + b"n" * 58
+    fixed = len(b"/echo") + len(b"Host: t\r\n") + len(name) + len(b": \r\n")
+    async with running(max_header_bytes=limit) as srv:
+        for extra, status in ((0, 200), (1, 431)):
+            value = b"v" * (limit - fixed + extra)
+            c = await Conn.open(srv.port)
+            r = await c.one(b"GET /echo HTTP/1.1\r\nHost: t\r\n%b: %b\r\n\r\n" % (name, value))
+            assert r.status == status, (extra, r.body)
+            c.close()
+
+
+async def test_an_expect_value_under_another_name_asks_for_no_100(srv: Running) -> None:
+    c = await Conn.open(srv.port)
+    await c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                 b"X-Note: 100-continue\r\n\r\n")
+    await asyncio.sleep(0.3)  # the app is waiting for the body: nothing may be sent meanwhile
+    await c.send(b"hello")
+    (r,) = await c.responses(1)
+    assert r.status == 200 and json.loads(r.body)["body_len"] == 5
+    c.close()
+
+
+async def test_a_head_sent_in_pieces_within_the_timeout_is_served() -> None:
+    async with running(header_timeout_s=1.5) as srv:
+        c = await Conn.open(srv.port)
+        for piece in (b"GET /echo HT", b"TP/1.1\r\nHost:", b" t\r\n", b"\r\n"):
+            await c.send(piece)
+            await asyncio.sleep(0.25)  # the server's sweep runs several times meanwhile
+        (r,) = await c.responses(1)
+        assert r.status == 200
+        c.close()
+
+
+async def test_idle_limits_a_new_connection_by_header_timeout_and_a_served_one_by_keepalive(
+) -> None:
+    async with running(header_timeout_s=0.4, keepalive_timeout_s=3) as srv:
+        fresh = await Conn.open(srv.port)
+        t0 = time.monotonic()
+        assert await fresh.closed(within_s=2.5)  # a connection that never sent a byte
+        assert time.monotonic() - t0 < 2.5
+        served = await Conn.open(srv.port)
+        assert (await served.one(GET)).status == 200
+        await asyncio.sleep(1.2)  # idle past header_timeout_s, within keepalive_timeout_s
+        assert (await served.one(GET)).status == 200
+        served.close()
 
 
 async def test_a_head_that_never_ends_gets_408_and_an_idle_connection_is_closed() -> None:
@@ -235,6 +288,20 @@ async def test_a_trickling_body_is_cut_with_408() -> None:
             t.cancel()
         assert got == [408]
         await asyncio.wait_for(srv.seen.disconnected.wait(), 2)  # the app was told
+
+
+async def test_a_body_above_the_minimum_rate_is_not_cut_however_long_it_takes() -> None:
+    # 3,000 bytes at about 2,500 bytes/s against a 1,000 bytes/s minimum: it takes three times
+    # header_timeout_s, and each sweep must see the whole body so far, not the last piece.
+    async with running(header_timeout_s=0.4, body_min_rate_bytes_s=1000) as srv:
+        c = await Conn.open(srv.port)
+        await c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3000\r\n\r\n")
+        for _ in range(12):
+            await c.send(b"x" * 250)
+            await asyncio.sleep(0.1)
+        (r,) = await c.responses(1)
+        assert r.status == 200 and json.loads(r.body)["body_len"] == 3000
+        c.close()
 
 
 async def test_past_max_connections_new_ones_get_503_and_old_ones_keep_working() -> None:

@@ -38,3 +38,41 @@ def test_a_known_name_still_refuses_a_bad_value() -> None:
     wire.check_header(b"x-ratelimit-remaining-tokens", b"12")
     with pytest.raises(ValueError):
         wire.check_header(b"x-ratelimit-remaining-tokens", b"12\r\nset-cookie: a=b")
+
+
+@pytest.mark.parametrize("status", [100, 200, 429, 599, 999])
+def test_any_three_digit_status_gets_a_status_line(status: int) -> None:
+    # An upstream's unusual status is relayed: the known ones with their phrase, others bare.
+    line = wire.status_line(status)
+    assert line.startswith(b"HTTP/1.1 %d " % status) and line.endswith(b"\r\n")
+    assert line.count(b"\r\n") == 1
+    if status == 599:
+        assert line == b"HTTP/1.1 599 \r\n"
+
+
+@pytest.mark.parametrize("status", [-1, 0, 99, 1000, 10000])
+def test_a_status_that_is_not_three_digits_is_refused(status: int) -> None:
+    with pytest.raises(ValueError, match=f"invalid HTTP status {status}"):
+        wire.status_line(status)
+
+
+def test_the_header_check_caches_stay_bounded() -> None:
+    # Every response header pair an app sends may be remembered, but never more than
+    # _CHECKED_MAX of them (nor of names), whatever the app sends.
+    saved = set(wire._CHECKED), set(wire._GOOD_NAMES)
+    try:
+        wire._CHECKED.clear()
+        wire._GOOD_NAMES.clear()
+        # A value is kept only up to 256 bytes (a pair is one set entry of at most that).
+        wire.check_header(b"x-long", b"v-" * 128)
+        wire.check_header(b"x-long", b"v-" * 128 + b"v")
+        assert wire._CHECKED == {(b"x-long", b"v-" * 128)}
+        for i in range(wire._CHECKED_MAX + 50):
+            wire.check_header(b"x-n-%d" % i, b"v-%d" % i)  # not alnum: the slow path, cached
+        assert len(wire._CHECKED) == wire._CHECKED_MAX
+        assert len(wire._GOOD_NAMES) == wire._CHECKED_MAX
+    finally:
+        wire._CHECKED.clear()
+        wire._GOOD_NAMES.clear()
+        wire._CHECKED.update(saved[0])
+        wire._GOOD_NAMES.update(saved[1])
