@@ -62,10 +62,10 @@ case "${MUTANTS_SET:-auth}" in
   server)
     # The front door: what the server lets through to the app and what it refuses (framing,
     # head and body bounds, timeouts, response-header checks), against the in-process server
-    # tests (the real server on loopback, no subprocess).
+    # tests and the express path's (the real server on loopback, no subprocess).
     mutate=(fleetgate/server/protocol.py fleetgate/server/wire.py)
     tests=(tests/server/test_http11.py tests/server/test_wire.py tests/server/test_fuzz.py
-           tests/server/test_front_door.py)
+           tests/server/test_front_door.py tests/dataplane/test_express.py)
     select=() ;;
   *) echo "MUTANTS_SET is auth (the default), limits or server, not ${MUTANTS_SET}" >&2; exit 2 ;;
 esac

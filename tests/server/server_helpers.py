@@ -91,6 +91,7 @@ def make_app(seen: Seen) -> Any:
             seen.disconnected.set()
             return
         out = {
+            "type": scope["type"], "asgi": scope["asgi"], "root_path": scope["root_path"],
             "method": scope["method"], "path": path, "raw_path": scope["raw_path"].decode(),
             "query_string": scope["query_string"].decode(),
             "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import pytest
 from server_helpers import Conn, Running, running
 
 GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -129,6 +130,10 @@ async def test_http_versions_it_cannot_speak_get_505(srv: Running) -> None:
     r = await c.one(b"GET /echo HTTP/1.0\r\n\r\n")
     assert r.status == 200 and json.loads(r.body)["http_version"] == "1.0"
     assert await c.closed()
+    c = await Conn.open(srv.port)  # even when the client asks for keep-alive
+    r = await c.one(b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert r.status == 200 and r.headers["connection"] == "close"
+    assert await c.closed()
 
 
 async def test_client_closing_mid_body_delivers_disconnect(srv: Running) -> None:
@@ -175,7 +180,29 @@ async def test_scope_is_what_an_asgi_app_expects(srv: Running) -> None:
     assert ["x-mixed-case", "V"] in s["headers"] and s["lower"]
     assert s["scheme"] == "http" and s["http_version"] == "1.1"
     assert s["client"][0] == "127.0.0.1" and s["server"] == ["127.0.0.1", srv.port]
+    assert s["type"] == "http" and s["asgi"]["version"] == "3.0" and s["root_path"] == ""
     c.close()
+
+
+async def test_every_request_target_form_reaches_the_app_as_a_path(srv: Running) -> None:
+    # origin-form, absolute-form (as a proxy-minded client sends), a fragment (never a path's),
+    # and an absolute-form the URL parser refuses.
+    for target, want in ((b"/echo?a=1", ("/echo", "/echo", "a=1")),
+                         (b"http://t/echo?a=1", ("/echo", "/echo", "a=1")),
+                         (b"http://t/echo", ("/echo", "/echo", "")),
+                         (b"/echo?a=1#frag", ("/echo", "/echo", "a=1")),
+                         (b"/echo#frag", ("/echo", "/echo", ""))):
+        c = await Conn.open(srv.port)
+        r = await c.one(b"GET %b HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+        s = json.loads(r.body)
+        assert (s["path"], s["raw_path"], s["query_string"]) == want, target
+        c.close()
+    for target in (b"http://[bad/echo", b"http://t:99999/echo"):
+        c = await Conn.open(srv.port)
+        r = await c.one(b"GET %b HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+        assert r.status == 400, target
+        assert json.loads(r.body)["error"]["message"] == "Malformed HTTP request: invalid target."
+        c.close()
 
 
 async def test_declared_body_over_the_limit_is_413_before_the_app_runs(srv: Running) -> None:
@@ -183,7 +210,12 @@ async def test_declared_body_over_the_limit_is_413_before_the_app_runs(srv: Runn
     r = await c.one(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100001\r\n\r\nxx")
     assert r.status == 413
     assert json.loads(r.body)["error"]["code"] == "request_too_large"
+    assert "100000" in json.loads(r.body)["error"]["message"]
     assert srv.seen.requests == []
+    c = await Conn.open(srv.port)  # exactly at the limit is allowed
+    r = await c.one(post("/echo", b"x" * 100_000))
+    assert r.status == 200 and json.loads(r.body)["body_len"] == 100_000
+    c.close()
 
 
 async def test_header_bytes_and_count_limits_get_431() -> None:
@@ -383,6 +415,58 @@ async def test_a_large_body_flows_through_the_read_pause_and_resume() -> None:
         assert r.status == 200 and json.loads(r.body)["body_len"] == len(body)
         assert (await c.one(GET)).status == 200
         c.close()
+
+
+async def test_a_body_the_app_has_not_read_is_held_back_by_tcp_not_buffered() -> None:
+    # The app sleeps 1.5 s before reading a 16 MiB body. The server buffers 64 KiB of it, then
+    # stops reading, so the client can't hand over the rest (more than the kernel's socket
+    # buffers hold) until the app reads; a server that buffered it all would take it at once.
+    async with running() as srv:
+        c = await Conn.open(srv.port)
+        body = b"x" * (16 * 1024 * 1024)
+        c.writer.write(post("/slow?ms=1500", body))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(c.writer.drain()), 0.8)
+        (r,) = await c.responses(1, within_s=30)
+        assert r.status == 200 and json.loads(r.body)["body_len"] == len(body)
+        c.close()
+
+
+async def test_reading_pauses_at_64_kib_of_unread_body_over_any_number_of_reads() -> None:
+    from server_helpers import Recording, Seen, make_app
+
+    from fleetgate.server.options import ServerOptions
+    from fleetgate.server.protocol import BODY_HIGH_WATER, HttpProtocol
+    from fleetgate.server.server import ServerState
+
+    class Pausing(Recording):
+        paused = False
+
+        def pause_reading(self) -> None:
+            self.paused = True
+
+        def resume_reading(self) -> None:
+            self.paused = False
+
+    state = ServerState(make_app(Seen()), ServerOptions(), asyncio.get_running_loop())
+    proto = HttpProtocol(state)
+    t = Pausing()
+    proto.connection_made(t)
+    piece = 4096
+    proto.data_received(b"POST /slow?ms=300 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                        % (BODY_HIGH_WATER * 2))
+    sent = 0
+    while sent <= BODY_HIGH_WATER:
+        assert not t.paused, sent
+        proto.data_received(b"x" * piece)
+        sent += piece
+    assert t.paused  # past the mark: no more is read until the app reads
+    for _ in range(100):  # the app wakes after 300 ms and reads what is buffered
+        await asyncio.sleep(0.01)
+        if not t.paused:
+            break
+    assert not t.paused
+    proto.connection_lost(None)
 
 
 async def test_too_deep_a_pipeline_gets_503_after_the_answers_before_it(srv: Running) -> None:
