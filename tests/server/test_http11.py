@@ -114,8 +114,13 @@ async def test_bad_request_lines_get_400(srv: Running) -> None:
         c = await Conn.open(srv.port)
         r = await c.one(line)
         assert r.status == 400, line
-        assert json.loads(r.body)["error"]["source"] == "gateway"
+        err = json.loads(r.body)["error"]
+        assert err["source"] == "gateway" and err["message"].startswith("Malformed HTTP request: ")
         c.close()
+    c = await Conn.open(srv.port)
+    r = await c.one(b"G\x01T / HTTP/1.1\r\n\r\n")
+    assert json.loads(r.body)["error"]["message"] == "Malformed HTTP request: invalid method."
+    c.close()
 
 
 async def test_http_versions_it_cannot_speak_get_505(srv: Running) -> None:
@@ -124,6 +129,8 @@ async def test_http_versions_it_cannot_speak_get_505(srv: Running) -> None:
         c = await Conn.open(srv.port)
         r = await c.one(line)
         assert r.status == 505, line
+        assert json.loads(r.body)["error"]["message"] == (
+            "This server speaks HTTP/1.1 (and 1.0) only."), line
         c.close()
     # HTTP/1.0 is spoken, one request per connection
     c = await Conn.open(srv.port)
@@ -248,6 +255,53 @@ async def test_the_head_limit_counts_the_target_and_each_header_line_to_the_byte
             r = await c.one(b"GET /echo HTTP/1.1\r\nHost: t\r\n%b: %b\r\n\r\n" % (name, value))
             assert r.status == status, (extra, r.body)
             c.close()
+
+
+async def test_a_header_line_that_never_ends_is_cut_at_its_bound() -> None:
+    # The parser holds an unfinished header line, so the server bounds the bytes of a head in
+    # progress: twice max_header_bytes plus 64 KiB. At the bound it still waits; a byte past it,
+    # 431 and the connection closes, long before the header timeout.
+    bound = 2 * 1024 + 65536
+    async with running(max_header_bytes=1024, header_timeout_s=30) as srv:
+        c = await Conn.open(srv.port)
+        start = b"GET /echo HTTP/1.1\r\nX-Endless: "
+        await c.send(start)
+        left = bound - len(start)
+        while left:
+            n = min(4096, left)
+            await c.send(b"a" * n)
+            left -= n
+        with pytest.raises(asyncio.TimeoutError):
+            await c.responses(1, within_s=0.5)
+        await c.send(b"a")
+        (r,) = await c.responses(1)
+        assert r.status == 431
+        assert json.loads(r.body)["error"]["code"] == "request_headers_too_large"
+        assert await c.closed()
+
+
+async def test_an_upgrade_request_is_answered_and_the_connection_closed(srv: Running) -> None:
+    # Upgrades (WebSocket, h2c) aren't served: the request is answered as a plain one, and
+    # nothing after it on the connection is read as HTTP.
+    c = await Conn.open(srv.port)
+    await c.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: websocket\r\n\r\n" + GET)
+    (r,) = await c.responses(1)
+    assert r.status == 200 and r.headers["connection"] == "close"
+    rest = b""
+    while more := await asyncio.wait_for(c.reader.read(65536), 5):  # until the server closes
+        rest += more
+    assert rest == b"" and c.raw.count(b"HTTP/1.1 ") == 1  # the GET after it: never answered
+    # Bytes that come in a later read, while the upgrade request is still being answered,
+    # aren't parsed either.
+    c = await Conn.open(srv.port)
+    await c.send(b"GET /slow?ms=300 HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: h2c\r\n\r\n")
+    await asyncio.sleep(0.1)
+    await c.send(GET)
+    (r,) = await c.responses(1)
+    assert r.status == 200 and await c.closed()
+    assert [q["path"] for q in srv.seen.requests] == ["/echo", "/slow"]
 
 
 async def test_an_expect_value_under_another_name_asks_for_no_100(srv: Running) -> None:
@@ -474,4 +528,6 @@ async def test_too_deep_a_pipeline_gets_503_after_the_answers_before_it(srv: Run
     await c.send(b"GET /slow?ms=200 HTTP/1.1\r\nHost: t\r\n\r\n" + GET * 40)
     rs = await c.responses(34, within_s=10)
     assert [r.status for r in rs] == [200] * 33 + [503]
+    assert json.loads(rs[-1].body)["error"]["message"] == (
+        "Too many pipelined requests on one connection.")
     assert await c.closed()
