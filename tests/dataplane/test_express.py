@@ -224,6 +224,44 @@ async def test_a_body_that_arrives_after_its_head_is_served_once_it_is_in(
     assert [x["status"] for x in await served.rows()] == [200, 200]
 
 
+async def test_bodies_the_express_path_cannot_take_are_served_in_a_task(
+        served: Served, upstream: Upstream) -> None:
+    # A chunked body (its length unknown at the head; here past 64 KiB, so reading pauses until
+    # the app reads) and a client waiting for "100 Continue": offered to the express path, both
+    # would wait for a body that never comes. In a task, the app reads: the first is refused at
+    # the gateway's 64 KiB body limit, the second is answered.
+    assert (await served.chat()).status_code == 200
+    served.tasks.clear()
+
+    async def answer(reader: asyncio.StreamReader) -> bytes:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+    big = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\n"
+            b"Content-Type: application/json\r\n" % served.key.encode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
+        b"%x\r\n%b\r\n" % (len(big[i:i + 8192]), big[i:i + 8192])
+        for i in range(0, len(big), 8192)) + b"0\r\n\r\n")
+    data = await answer(reader)
+    assert data.startswith(b"HTTP/1.1 413 ") and b'"request_too_large"' in data, data
+    writer.close()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    body = json.dumps(CHAT).encode()
+    writer.write(head + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+    writer.write(body)
+    data = await answer(reader)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(PUBLIC), data
+    assert served.tasks == ["app", "app"]
+    assert [x["status"] for x in await served.rows()] == [200, 200]
+
+
 async def test_an_answer_in_pieces_is_relayed_whole(served: Served, upstream: Upstream) -> None:
     assert (await served.chat()).status_code == 200
     upstream.mode = "pieces"

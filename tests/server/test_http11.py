@@ -304,6 +304,40 @@ async def test_an_upgrade_request_is_answered_and_the_connection_closed(srv: Run
     assert [q["path"] for q in srv.seen.requests] == ["/echo", "/slow"]
 
 
+async def test_a_target_split_across_reads_is_one_path_and_counts_whole() -> None:
+    limit = 300
+    async with running(max_header_bytes=limit) as srv:
+        c = await Conn.open(srv.port)
+        for piece in (b"GET /ec", b"ho?a=", b"1 HTTP/1.1\r\nHost: t\r\n\r\n"):
+            await c.send(piece)
+            await asyncio.sleep(0.05)
+        (r,) = await c.responses(1)
+        s = json.loads(r.body)
+        assert (s["path"], s["query_string"]) == ("/echo", "a=1")
+        c.close()
+        # A target alone at the limit is served, a byte over it is 431, however it arrives.
+        for extra, status in ((0, 200), (1, 431)):
+            target = b"/echo?q=" + b"a" * (limit - len(b"/echo?q=") + extra)
+            c = await Conn.open(srv.port)
+            for piece in (b"GET " + target[:100], target[100:] + b" HTTP/1.1\r\n\r\n"):
+                await c.send(piece)
+                await asyncio.sleep(0.05)
+            (r,) = await c.responses(1)
+            assert r.status == status, extra
+            c.close()
+
+
+async def test_a_body_held_back_for_the_app_is_not_the_clients_slowness() -> None:
+    # Reading pauses while the app hasn't read (1.5 s here): that time isn't counted against
+    # the client's minimum rate, which this 1 MiB body, sent at once, meets.
+    async with running(header_timeout_s=0.3, body_min_rate_bytes_s=200_000) as srv:
+        c = await Conn.open(srv.port)
+        body = b"x" * (1024 * 1024)
+        r = await c.one(post("/slow?ms=1500", body), within_s=10)
+        assert r.status == 200 and json.loads(r.body)["body_len"] == len(body)
+        c.close()
+
+
 async def test_an_expect_value_under_another_name_asks_for_no_100(srv: Running) -> None:
     c = await Conn.open(srv.port)
     await c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
@@ -530,4 +564,5 @@ async def test_too_deep_a_pipeline_gets_503_after_the_answers_before_it(srv: Run
     assert [r.status for r in rs] == [200] * 33 + [503]
     assert json.loads(rs[-1].body)["error"]["message"] == (
         "Too many pipelined requests on one connection.")
+    assert rs[-1].headers["retry-after"] == "1"
     assert await c.closed()
