@@ -4,6 +4,7 @@
 #   scripts/mutants.sh [DEST]          # DEST defaults to /tmp/fleetgate-mutants
 #   MUTANTS_SET=limits scripts/mutants.sh /tmp/fleetgate-mutants-limits   # admission instead
 #   MUTANTS_SET=server scripts/mutants.sh /tmp/fleetgate-mutants-server   # the front door's parsing
+#   MUTANTS_SET=accounting scripts/mutants.sh /tmp/fleetgate-mutants-acct # the usage tap
 #
 # mutmut rewrites the code it mutates, so it never runs in the checkout: the tracked and
 # untracked (not ignored) files are copied to DEST, the mutmut settings are written to DEST's
@@ -67,7 +68,14 @@ case "${MUTANTS_SET:-auth}" in
     tests=(tests/server/test_http11.py tests/server/test_wire.py tests/server/test_fuzz.py
            tests/server/test_front_door.py tests/dataplane/test_express.py)
     select=() ;;
-  *) echo "MUTANTS_SET is auth (the default), limits or server, not ${MUTANTS_SET}" >&2; exit 2 ;;
+  accounting)
+    # Reading token usage off the responses as they pass (what every request is charged),
+    # against the usage tap's and the relay's in-process tests.
+    mutate=(fleetgate/proxy/usage_tap.py)
+    tests=(tests/proxy/test_usage_tap.py tests/proxy/test_relay.py tests/proxy/test_relay_fuzz.py)
+    select=() ;;
+  *) echo "MUTANTS_SET is auth (the default), limits, server or accounting, not ${MUTANTS_SET}" >&2
+     exit 2 ;;
 esac
 {
   printf '[mutmut]\nprocess_isolation=forkserver\nsource_paths=fleetgate/\nonly_mutate=\n'
