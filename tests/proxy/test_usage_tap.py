@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from fleetgate.proxy.usage_tap import UsageTap
 
 USAGE_EV = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7}}\n\n'
@@ -149,3 +153,87 @@ def test_a_count_past_a_usage_columns_range_is_no_count():
     big = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":1}}\n\n'
     s.events(TOKEN_EV + big % (2**63) + DONE)
     assert (s.prompt_tokens, s.completion_tokens) == (0, 1)
+
+
+# -- layouts mutmut showed untested (MUTANTS_SET=accounting) ---------------------------------------
+
+NESTED = (b'"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens":7,'
+          b'"prompt_tokens_details":{"cached_tokens":3}}')
+
+
+def _events(out: bytes) -> list[dict]:
+    """What a client parses of a relayed stream: each event's JSON ([DONE] left out)."""
+    return [json.loads(e[5:]) for e in out.split(b"\n\n") if e and e != b"data: [DONE]"]
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_usage_with_a_nested_object_in_vllms_own_layout_is_read_whole(hide: bool) -> None:
+    # vLLM writes usage last and compact; with prompt_tokens_details its object holds another.
+    # Per-chunk usage (choices not empty) and the final usage event (choices empty).
+    chunk = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"t"}}],' + NESTED + b"}\n\n"
+    final = b'data: {"id":"x","choices":[],' + NESTED + b"}\n\n"
+    for events in (chunk, final):
+        t = UsageTap(hide_usage_event=hide, rewrite=None)
+        out = t.events(TOKEN_EV + events + DONE)
+        assert (t.prompt_tokens, t.completion_tokens) == (5, 7), (hide, events)
+        got = _events(out)
+        assert all("usage" not in e for e in got) if hide else got[-1]["usage"]["prompt_tokens"] == 5
+
+
+def test_a_choices_index_is_its_own_not_a_tool_calls() -> None:
+    # Choice 1's delta holds a tool call with index 0: the usage counts choice 1, so the charge
+    # is choice 0's 3 plus choice 1's 2.
+    tool = (b'data: {"id":"x","choices":[{"index":1,"delta":{"tool_calls":[{"index":0,'
+            b'"function":{"arguments":"{}"}}]}}],'
+            b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n')
+    for hide in (False, True):
+        t = UsageTap(hide_usage_event=hide, rewrite=None)
+        t.events(_choice_token(0, 3) + tool)
+        assert t.completion_tokens == 5, hide
+
+
+def test_choice_indexes_with_a_nine_in_them_are_read() -> None:
+    t = UsageTap(hide_usage_event=False, rewrite=None)
+    t.events(b"".join(_choice_token(i, 2) for i in (0, 9, 19)))
+    assert t.completion_tokens == 6
+
+
+def test_a_choice_index_that_is_not_a_number_breaks_nothing() -> None:
+    odd = (b'data: {"id":"x","choices":[{"index":null,"delta":{"content":"t"}}],'
+           b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n')
+    for hide in (False, True):
+        t = UsageTap(hide_usage_event=hide, rewrite=None)
+        t.events(odd + DONE)
+        assert (t.prompt_tokens, t.completion_tokens) == (4, 2), hide
+
+
+def test_without_usage_text_events_of_a_completions_stream_are_counted() -> None:
+    text = b'data: {"id":"x","choices":[{"index":0,"text":"t"}]}\n\n'
+    empty = b'data: {"id":"x","choices":[{"index":0,"text":""}]}\n\n'
+    t = UsageTap(hide_usage_event=False, rewrite=None)
+    t.events(text * 3 + empty + TOKEN_EV + DONE)
+    assert t.completion_tokens == 4  # three text events and one chat content event
+
+
+def test_usage_in_another_layout_reaches_the_client_as_asked() -> None:
+    # usage before choices (not vLLM's layout): parsed, then kept or cut as the client asked.
+    chunk = (b'data: {"id":"x","usage":{"prompt_tokens":4,"completion_tokens":1},'
+             b'"choices":[{"index":0,"delta":{"content":"t"}}]}\n\n')
+    final = b'data: {"id":"x","usage":{"prompt_tokens":4,"completion_tokens":2},"choices":[]}\n\n'
+    # The client asked for nothing: per-chunk usage cut, the usage event dropped.
+    t = UsageTap(hide_usage_event=True, rewrite=None)
+    got = _events(t.events(chunk + final + DONE))
+    assert got == [{"id": "x", "choices": [{"index": 0, "delta": {"content": "t"}}]}]
+    assert (t.prompt_tokens, t.completion_tokens) == (4, 2)
+    # The client asked for the final usage only: the chunk's cut, the final event kept.
+    t = UsageTap(hide_usage_event=False, strip_chunk_usage=True, rewrite=None)
+    got = _events(t.events(chunk + final + DONE))
+    assert [("usage" in e, e["choices"]) for e in got] == [
+        (False, [{"index": 0, "delta": {"content": "t"}}]), (True, [])]
+    # The client asked for continuous usage: everything as the upstream sent it.
+    t = UsageTap(hide_usage_event=False, strip_chunk_usage=False, rewrite=None)
+    assert t.events(chunk + final + DONE) == chunk + final + DONE
+    # No space after "data:" is the same event.
+    t = UsageTap(hide_usage_event=False, rewrite=None)
+    t.events(final.replace(b"data: ", b"data:") + DONE)
+    assert (t.prompt_tokens, t.completion_tokens) == (4, 2)
