@@ -237,3 +237,23 @@ def test_usage_in_another_layout_reaches_the_client_as_asked() -> None:
     t = UsageTap(hide_usage_event=False, rewrite=None)
     t.events(final.replace(b"data: ", b"data:") + DONE)
     assert (t.prompt_tokens, t.completion_tokens) == (4, 2)
+
+
+def test_without_usage_spaced_json_events_are_counted_too() -> None:
+    # An upstream that writes `": "` (Python's json.dumps): content and text events, an empty
+    # one of each not counted.
+    evs = [b'data: {"choices": [{"index": 0, "delta": {"content": "t"}}]}\n\n',
+           b'data: {"choices": [{"index": 0, "delta": {"content": ""}}]}\n\n',
+           b'data: {"choices": [{"index": 0, "text": "t"}]}\n\n',
+           b'data: {"choices": [{"index": 0, "text": ""}]}\n\n']
+    t = UsageTap(hide_usage_event=False, rewrite=None)
+    t.events(b"".join(evs * 2) + TOKEN_EV)
+    assert t.completion_tokens == 5  # 2 content, 2 text, and one compact content event
+
+
+def test_a_stream_is_done_only_at_its_done_event_and_left_only_when_told() -> None:
+    t = UsageTap(hide_usage_event=False, rewrite=None)
+    t.events(TOKEN_EV)
+    assert not t.done and not t.disconnected  # an upstream that stops here did not finish
+    t.events(DONE)
+    assert t.done
