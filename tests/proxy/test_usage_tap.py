@@ -257,3 +257,10 @@ def test_a_stream_is_done_only_at_its_done_event_and_left_only_when_told() -> No
     assert not t.done and not t.disconnected  # an upstream that stops here did not finish
     t.events(DONE)
     assert t.done
+
+
+def test_a_served_name_with_a_colon_is_rewritten() -> None:
+    # Names such as "llama3:8b" are common; the older literal pair form splits at the first colon.
+    for rewrite in ((b'"model":"llama3:8b"', b'"model":"team:small"'),):
+        t = UsageTap(hide_usage_event=False, rewrite=rewrite)
+        assert t.body(b'{"model": "llama3:8b","choices":[]}') == b'{"model":"team:small","choices":[]}'
