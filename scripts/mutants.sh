@@ -5,6 +5,7 @@
 #   MUTANTS_SET=limits scripts/mutants.sh /tmp/fleetgate-mutants-limits   # admission instead
 #   MUTANTS_SET=server scripts/mutants.sh /tmp/fleetgate-mutants-server   # the front door's parsing
 #   MUTANTS_SET=accounting scripts/mutants.sh /tmp/fleetgate-mutants-acct # the usage tap
+#   MUTANTS_SET=upstream scripts/mutants.sh /tmp/fleetgate-mutants-up     # the upstream client
 #
 # mutmut rewrites the code it mutates, so it never runs in the checkout: the tracked and
 # untracked (not ignored) files are copied to DEST, the mutmut settings are written to DEST's
@@ -74,7 +75,13 @@ case "${MUTANTS_SET:-auth}" in
     mutate=(fleetgate/proxy/usage_tap.py)
     tests=(tests/proxy/test_usage_tap.py tests/proxy/test_relay.py tests/proxy/test_relay_fuzz.py)
     select=() ;;
-  *) echo "MUTANTS_SET is auth (the default), limits, server or accounting, not ${MUTANTS_SET}" >&2
+  upstream)
+    # The client of the model servers: framing and bounds of what an upstream answers (odd
+    # statuses, bad framing, oversized heads and bodies, silence, hang-ups), against its tests.
+    mutate=(fleetgate/proxy/client.py)
+    tests=(tests/proxy/test_client.py tests/proxy/test_relay.py)
+    select=() ;;
+  *) echo "MUTANTS_SET is auth (the default), limits, server, accounting or upstream, not ${MUTANTS_SET}" >&2
      exit 2 ;;
 esac
 {
