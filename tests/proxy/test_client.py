@@ -313,6 +313,15 @@ async def test_body_larger_than_the_bound_is_refused_not_buffered(server):
     await u.stop()
 
 
+async def test_a_body_exactly_at_the_bound_is_relayed_and_a_byte_more_refused(server):
+    _, url = server
+    u = await client(max_upstream_response_bytes=256 * 1024)
+    assert len((await post(u, url + f"/big-{256 * 1024}"))[1]) == 256 * 1024
+    with pytest.raises(ResponseTooLarge, match=f"more than {256 * 1024} bytes"):
+        await post(u, url + f"/big-{256 * 1024 + 1}")
+    await u.stop()
+
+
 async def test_a_big_answer_read_after_it_arrived_leaves_its_connection_reusable(server):
     """Past the high-water mark reading pauses; an answer that was complete before the relay read
     it must still leave its pooled connection reading, or the next request on it never hears."""
