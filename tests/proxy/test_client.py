@@ -22,6 +22,7 @@ OK = b'{"ok":true}'
 class Server:
     def __init__(self) -> None:
         self.connections = 0
+        self.half_heads = 0
         self.open_now = 0
         self.max_open = 0
         self.closed = asyncio.Event()
@@ -39,6 +40,11 @@ class Server:
                 req_body = await r.readexactly(length)
                 if path == "/close-after-read":
                     return  # read the request, answer nothing
+                if path == "/half-head":
+                    self.half_heads += 1
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-")  # the request was taken: no retry
+                    await w.drain()
+                    return
                 if path == "/once-then-close":
                     w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + OK)
                     await w.drain()
@@ -310,6 +316,19 @@ async def test_body_larger_than_the_bound_is_refused_not_buffered(server):
     with pytest.raises(ResponseTooLarge):
         await post(u, url + "/big-3000000")
     assert (await post(u, url + "/echo", body=b"next"))[1] == b"next"
+    await u.stop()
+
+
+async def test_a_reused_connection_that_dies_after_part_of_a_head_is_not_retried(server):
+    # Retrying is only safe when the upstream never answered a byte (an idle connection it had
+    # closed); once it has started answering, the request was processed: a retry would run it
+    # (and charge it) twice.
+    s, url = server
+    u = await client()
+    assert (await post(u, url + "/echo", body=b"warm"))[:2] == (200, b"warm")
+    with pytest.raises(UpstreamUnreachable):
+        await post(u, url + "/half-head")
+    assert s.half_heads == 1
     await u.stop()
 
 
