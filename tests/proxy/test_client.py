@@ -287,6 +287,15 @@ async def test_interim_1xx_is_skipped_and_the_next_request_gets_its_own_answer(s
     await u.stop()
 
 
+@pytest.mark.parametrize("code", [200, 299, 404, 599])
+async def test_every_status_from_200_to_599_is_relayed_as_sent(server, code):
+    _, url = server
+    u = await client()
+    status, body, _ = await post(u, url + f"/status-{code}")
+    assert (status, body) == (code, b"no")
+    await u.stop()
+
+
 @pytest.mark.parametrize("code", ["999", "099", "101", "600"])
 async def test_status_that_cannot_be_relayed_is_502(server, code):
     _, url = server
