@@ -79,7 +79,7 @@ case "${MUTANTS_SET:-auth}" in
     # The client of the model servers: framing and bounds of what an upstream answers (odd
     # statuses, bad framing, oversized heads and bodies, silence, hang-ups), against its tests.
     mutate=(fleetgate/proxy/client.py)
-    tests=(tests/proxy/test_client.py tests/proxy/test_relay.py)
+    tests=(tests/proxy/test_client.py tests/proxy/test_relay.py tests/dataplane/test_express.py)
     select=() ;;
   *) echo "MUTANTS_SET is auth (the default), limits, server, accounting or upstream, not ${MUTANTS_SET}" >&2
      exit 2 ;;
