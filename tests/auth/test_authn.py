@@ -209,12 +209,16 @@ async def test_cached_finds_only_a_key_already_held_and_valid(engine, monkeypatc
     assert a.cached(h) is None
 
 
-async def test_cached_refuses_an_expired_key_and_an_unreadable_store(engine, monkeypatch):
-    k = add_key(engine)
+async def _warm(engine):
+    """An authenticator whose cache holds one key: it, the key's header, and the cache entry."""
     a = Authenticator(auth(), engine)
-    h = f"Bearer {k}".encode()
+    h = f"Bearer {add_key(engine)}".encode()
     await a.authenticate(h)
-    entry = next(iter(a._cache.values()))
+    return a, h, next(iter(a._cache.values()))
+
+
+async def test_cached_refuses_an_expired_key_and_an_unreadable_store(engine, monkeypatch):
+    a, h, entry = await _warm(engine)
     monkeypatch.setattr(entry, "expires_at", 0.0)
     assert a.cached(h) is None
     with pytest.raises(AuthError):
@@ -228,11 +232,7 @@ async def test_cached_refuses_an_expired_key_and_an_unreadable_store(engine, mon
 async def test_cached_at_the_exact_edges_of_expiry_and_staleness(engine, monkeypatch):
     import fleetgate.auth.authn as authn_mod
 
-    k = add_key(engine)
-    a = Authenticator(auth(), engine)
-    h = f"Bearer {k}".encode()
-    await a.authenticate(h)
-    entry = next(iter(a._cache.values()))
+    a, h, entry = await _warm(engine)
     at = entry.cached_at + 2 * a.settings.cache_ttl_s  # the last instant the entry is trusted
     monkeypatch.setattr(authn_mod.time, "time", lambda: at)
     assert a.cached(h) is not None

@@ -8,7 +8,11 @@ import json
 import time
 
 import pytest
-from server_helpers import Conn, Running, running
+from server_helpers import Conn, Recording, Running, Seen, make_app, running
+
+from fleetgate.server.options import ServerOptions
+from fleetgate.server.protocol import BODY_HIGH_WATER, HttpProtocol
+from fleetgate.server.server import ServerState
 
 GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -473,17 +477,18 @@ async def test_graceful_shutdown_finishes_the_request_in_flight() -> None:
         assert refused  # no longer accepting
 
 
-async def test_a_small_response_is_one_write() -> None:
-    from server_helpers import Recording, Seen, make_app
-
-    from fleetgate.server.options import ServerOptions
-    from fleetgate.server.protocol import HttpProtocol
-    from fleetgate.server.server import ServerState
-
+def _connected(t: Recording) -> HttpProtocol:
+    """The server's protocol for one connection over ``t``, in front of the recording app, with
+    no socket: the test feeds it bytes and reads what it wrote."""
     state = ServerState(make_app(Seen()), ServerOptions(), asyncio.get_running_loop())
     proto = HttpProtocol(state)
-    t = Recording()
     proto.connection_made(t)
+    return proto
+
+
+async def test_a_small_response_is_one_write() -> None:
+    t = Recording()
+    proto = _connected(t)
     proto.data_received(post("/echo", b"hello"))
     for _ in range(20):
         if t.writes:
@@ -521,12 +526,6 @@ async def test_a_body_the_app_has_not_read_is_held_back_by_tcp_not_buffered() ->
 
 
 async def test_reading_pauses_at_64_kib_of_unread_body_over_any_number_of_reads() -> None:
-    from server_helpers import Recording, Seen, make_app
-
-    from fleetgate.server.options import ServerOptions
-    from fleetgate.server.protocol import BODY_HIGH_WATER, HttpProtocol
-    from fleetgate.server.server import ServerState
-
     class Pausing(Recording):
         paused = False
 
@@ -536,10 +535,8 @@ async def test_reading_pauses_at_64_kib_of_unread_body_over_any_number_of_reads(
         def resume_reading(self) -> None:
             self.paused = False
 
-    state = ServerState(make_app(Seen()), ServerOptions(), asyncio.get_running_loop())
-    proto = HttpProtocol(state)
     t = Pausing()
-    proto.connection_made(t)
+    proto = _connected(t)
     piece = 4096
     proto.data_received(b"POST /slow?ms=300 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
                         % (BODY_HIGH_WATER * 2))
