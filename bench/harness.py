@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fleetgate-args", default="",
                     help="extra `fleetgate serve` arguments for every FleetGate path (workers "
                     "come from the path: use --workers for the N-worker path)")
+    ap.add_argument("--build", choices=("compiled", "pure"), default="compiled",
+                    help="which FleetGate build the FleetGate paths run (fleetgate-pure is "
+                    "always pure): compiled, the mypyc build bench/run makes at "
+                    "bench/.venvs/compiled (the default); pure, this checkout as Python")
     ap.add_argument("--profile", action="store_true",
                     help="record a py-spy flame graph of FleetGate (path fleetgate) in scenario 1")
     ap.add_argument("--no-docs", action="store_true", help="don't rewrite docs/benchmarks.md")
@@ -425,6 +429,11 @@ def main(argv: list[str] | None = None) -> None:
             f"raising it needs CAP_SYS_RESOURCE): {a.streams:,} streams hold about "
             f"{2 * a.streams:,} sockets in the gateway, so scenario 4 will likely fall short. "
             "Raise the hard limit (ulimit -Hn, systemd's LimitNOFILE=) before bench/run.")
+    if a.build == "compiled":
+        if not any(paths.COMPILED.glob("fleetgate/server/protocol.*.so")):
+            sys.exit(f"bench: no compiled build at {paths.COMPILED}: bench/run makes it "
+                     "(scripts/compiled.sh); or run with --build pure")
+        paths.tree = paths.COMPILED
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = RESULTS / f"run-{stamp}"
     for sub in ("", "s3", "s4", "s5", "s6"):
@@ -432,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     res: dict[str, Any] = {"meta": {
         **machine(), "argv": sys.argv[1:] if argv is None else argv,
         "fleetgate_args": a.fleetgate_args, "workers": a.workers, "rounds": a.rounds,
+        "build": a.build,
         "nofile": nofile, "durations_s": {"s1": a.duration, "s2": a.rate_duration},
         "paths": {p: {"label": paths.SPECS[p].label.format(n=a.workers),
                       "how": paths.SPECS[p].how.format(n=a.workers)} for p in a.path_list}}}

@@ -13,7 +13,12 @@ Every path has a name (``--paths``), a label the report prints, and a line sayin
   accounting, no limits), for its bar;
 - ``fleetgate-redis``: the bar set-up, one process, limits counted in Redis;
 - ``fleetgate-workers``: the bar set-up, ``--workers N`` (N = cores by default), limits in
-  Redis (``--workers`` above 1 is refused with the memory backend when limits exist).
+  Redis (``--workers`` above 1 is refused with the memory backend when limits exist);
+- ``fleetgate-pure``: the bar set-up on the pure-Python build.
+
+Every FleetGate path but ``fleetgate-pure`` runs the build that :data:`tree` names: the compiled
+build (``scripts/compiled.sh``'s copy of this checkout, which ``bench/run`` makes at
+:data:`COMPILED`) unless the harness runs with ``--build pure``; None, this checkout as Python.
 
 The others: ``direct`` (the upstream itself), ``floor`` (``bench/bare_proxy.py``, the floor for
 Python on this box, not a product), ``vllm-router`` (the Rust router, no auth; its own thread
@@ -42,6 +47,8 @@ from fleetgate.localnet import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / "bench" / ".venvs"
+COMPILED = VENVS / "compiled"  # scripts/compiled.sh's copy of this checkout, made by bench/run
+tree: Path | None = None  # where the FleetGate paths import FleetGate from (the harness sets it)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Spec:
     limits: str = "none"  # tree_ab.make_key's set-up: "none", "user" or "issue"
     redis: bool = False  # limits.backend: redis
     many: bool = False  # N workers (--workers N / --num_workers N)
+    pure: bool = False  # the pure-Python build, whatever the run's --build
 
 
 SPECS: dict[str, Spec] = {s.name: s for s in (
@@ -74,6 +82,9 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("fleetgate-workers", "FleetGate {n} workers, limits (Redis)",
          "as `fleetgate`, `--workers {n}`, limits.backend redis", limits="issue", redis=True,
          many=True),
+    Spec("fleetgate-pure", "FleetGate 1 worker, limits (memory), pure Python",
+         "as `fleetgate`, on the pure-Python build (installed without FLEETGATE_USE_MYPYC=1)",
+         limits="issue", pure=True),
     Spec("vllm-router", "vllm-router (Rust, no auth)",
          "`vllm-router --policy round_robin`, no auth (its runtime uses every core)"),
     Spec("litellm", "LiteLLM {n} workers", "`litellm --num_workers {n}`, a master key, no "
@@ -161,11 +172,13 @@ def bulk_keys(config: Path, n: int, key_file: Path, batch: int = 10_000) -> None
 
 
 def start_fleetgate(procs: Procs, config: Path, key: str | None, *, name: str = "fleetgate",
-                    extra: list[str] | None = None) -> Running:
+                    extra: list[str] | None = None, pure: bool = False) -> Running:
+    """``fleetgate serve`` from :data:`tree` (this checkout as Python when ``pure``)."""
     port = free_port()
     argv = [sys.executable, "-c", "from fleetgate.cli.main import main; main()",
             "serve", "--config", str(config), "--port", str(port), *(extra or [])]
-    p = procs.start(name, argv)
+    env = None if pure or tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    p = procs.start(name, argv, env)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", 60, p)
     argv_extra = list(extra or [])
@@ -283,7 +296,8 @@ def start_fleetgate_path(name: str, procs: Procs, upstream: str, workdir: Path, 
         with_redis(cfg, redis.fresh_url())
     key = create_key(cfg) if spec.limits == "none" else make_key(ROOT, cfg, spec.limits)
     more = ["--workers", str(workers)] if spec.many and workers > 1 else []
-    run = start_fleetgate(procs, cfg, key, name=proc_name or name, extra=[*more, *(extra or [])])
+    run = start_fleetgate(procs, cfg, key, name=proc_name or name, extra=[*more, *(extra or [])],
+                          pure=spec.pure)
     return Running(name, run.url, key, run.proc)
 
 

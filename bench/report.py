@@ -424,7 +424,8 @@ def results_section(results: Results, png_name: str | None) -> str:
     parts = [
         START,
         f"Run on {m.get('date', '?')} with `{' '.join(['bench/run', *m.get('argv', [])])}` "
-        f"(FleetGate at {m.get('git', '?')}; N = {m.get('workers', '?')} workers; "
+        f"(FleetGate at {m.get('git', '?')}, {m.get('build', 'pure')} build; "
+        f"N = {m.get('workers', '?')} workers; "
         f"scenarios 1-2 in {m.get('rounds', 1)} interleaved round(s), medians shown; "
         f"open-file limit {m.get('nofile', '?')}).",
         "",

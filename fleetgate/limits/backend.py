@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from mypy_extensions import mypyc_attr
+
 from fleetgate.errors import GatewayError, InvalidRequest, RateLimited
 from fleetgate.limits import quotas
 from fleetgate.limits.buckets import DEFAULT_MAX_TOKENS, admission_cost
@@ -41,6 +43,7 @@ from fleetgate.limits.spec import Checks, Quota, Subject, check_caps
 Failure = Literal["", "rpm", "tpm", "concurrency", "quota"]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (Redis's, in the compiled build)
 class Grant:
     """An admitted request's claim on the counters; settled exactly once.
 
@@ -135,6 +138,7 @@ def too_large(checks: Checks, cost: int) -> None:
             )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Backend(ABC):
     name: ClassVar[str]
 

@@ -110,9 +110,9 @@ class _MemoryGrant(Grant):
                         level += (now - cell.t_at) * cap / 60.0
                         cell.t_at = now
                     if level > cap:
-                        level = cap
+                        level = float(cap)
                     level += refund
-                    cell.t = cap if level > cap else level
+                    cell.t = float(cap) if level > cap else level
             for q in self._quota:
                 q[0] -= refund
         for c in self._conc:
@@ -194,7 +194,7 @@ class MemoryBackend(Backend):
                 if now > cell.r_at:
                     r += (now - cell.r_at) * rpm / 60.0
                 if r > rpm:
-                    r = rpm
+                    r = float(rpm)
                 if r < 1:
                     raise self._refusal(checks, cost, now, self._wall())
                 levels[i] = r
@@ -203,7 +203,7 @@ class MemoryBackend(Backend):
                 if now > cell.t_at:
                     t += (now - cell.t_at) * tpm / 60.0
                 if t > tpm:
-                    t = tpm
+                    t = float(tpm)
                 if t < cost:
                     raise self._refusal(checks, cost, now, self._wall())
                 levels[i + 1] = t

@@ -208,8 +208,12 @@ class UpstreamResponse:
                 raise _afresh(self._error)
             await self._wait()
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    def iter_chunks(self) -> AsyncIterator[bytes]:
         """Everything buffered so far as one piece, until the body ends; raises on failure."""
+        return _Chunks(self)
+
+    async def next_chunk(self) -> bytes | None:
+        """What :meth:`iter_chunks` yields next; None once the body has ended."""
         while True:
             if self._chunks:
                 data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
@@ -218,13 +222,12 @@ class UpstreamResponse:
                 if self._paused and self._conn.transport is not None:
                     self._paused = False
                     self._conn.transport.resume_reading()
-                yield data
-            elif self._complete:
-                return
-            elif self._error is not None:
+                return data
+            if self._complete:
+                return None
+            if self._error is not None:
                 raise _afresh(self._error)
-            else:
-                await self._wait()
+            await self._wait()
 
     async def read(self) -> bytes:
         """The whole body; :class:`ResponseTooLarge` past ``max_upstream_response_bytes``."""
@@ -256,7 +259,28 @@ class UpstreamResponse:
             self._fail(UpstreamClosed("closed by the gateway"))
         self._pool.release(self._conn, reuse)
 
-    release = close
+    def release(self) -> None:
+        """:meth:`close`, by the name a :class:`~fleetgate.fleet.pool.Lease` uses."""
+        self.close()
+
+
+class _Chunks:
+    """:meth:`UpstreamResponse.iter_chunks`: an async iterator, not a generator (the compiled
+    build, docs/server.md, has no async generators)."""
+
+    __slots__ = ("_resp",)
+
+    def __init__(self, resp: UpstreamResponse) -> None:
+        self._resp = resp
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._resp.next_chunk()
+        if data is None:
+            raise StopAsyncIteration
+        return data
 
 
 _SPENT_PARSER = httptools.HttpResponseParser(None)  # a closed connection's, never fed

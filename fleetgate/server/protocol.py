@@ -477,8 +477,10 @@ class HttpProtocol(asyncio.Protocol):
                 # origin-form, the usual case: the parser has already checked its characters
                 raw_path, _, query = url.partition(b"?")
             else:
-                parsed = httptools.parse_url(url)
-                raw_path, query = parsed.path, parsed.query or b""
+                # Any: the stubs say bytes, but an absent part is None (and the compiled build
+                # checks what it reads against the type it was told).
+                parsed: Any = httptools.parse_url(url)
+                raw_path, query = parsed.path or b"/", parsed.query or b""
             path = raw_path.decode("ascii")
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             raise _Refuse(wire.BadRequest("Malformed HTTP request: invalid target.")) from None

@@ -232,6 +232,20 @@ def test_quick_mode_is_short() -> None:
     assert full.path_list == list(paths.ALL) and "floor" in full.path_list
     with pytest.raises(SystemExit):
         harness.parse_args(["--paths", "fleetgate,nope"])
+    assert full.build == "compiled" and harness.parse_args(["--build", "pure"]).build == "pure"
+    assert paths.SPECS["fleetgate-pure"].pure and not paths.SPECS["fleetgate"].pure
+
+
+def test_a_run_on_the_compiled_build_needs_one(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # No compiled copy where bench/run makes one: the harness says so and starts nothing,
+    # rather than measuring the Python build under the compiled build's name.
+    monkeypatch.setattr(paths, "COMPILED", tmp_path / "none")
+    monkeypatch.setattr(harness, "RESULTS", tmp_path / "results")
+    with pytest.raises(SystemExit) as e:
+        harness.main(["--only", "1", "--paths", "fleetgate", "--no-docs"])
+    assert "no compiled build at" in str(e.value) and "--build pure" in str(e.value)
+    assert not (tmp_path / "results").exists() and paths.tree is None
 
 
 def test_bulk_keys_use_the_cli_digest(tmp_path: Path) -> None:

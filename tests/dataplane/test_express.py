@@ -154,6 +154,7 @@ async def served(tmp_path: Path, upstream: Upstream,
         yield s
 
 
+@pytest.mark.pure  # counts tasks by patching HttpProtocol.run_task
 async def test_the_usual_request_is_answered_without_a_task(served: Served,
                                                             upstream: Upstream) -> None:
     r = await served.chat()  # opens the upstream connection: that waits, in a task
@@ -173,6 +174,7 @@ async def test_the_usual_request_is_answered_without_a_task(served: Served,
     assert all(x["model"] == "sim" and x["endpoint"] == "chat.completions" for x in rows)
 
 
+@pytest.mark.pure  # counts tasks by patching HttpProtocol.run_task
 async def test_what_must_wait_goes_on_in_a_task(served: Served) -> None:
     assert (await served.chat()).status_code == 200
     served.tasks.clear()
@@ -195,6 +197,7 @@ async def test_what_must_wait_goes_on_in_a_task(served: Served) -> None:
     assert r.status_code == 401 and served.tasks[-1] == "app"
 
 
+@pytest.mark.pure  # counts tasks by patching HttpProtocol.run_task
 async def test_a_body_that_arrives_after_its_head_is_served_once_it_is_in(
         served: Served, upstream: Upstream) -> None:
     # The server offers the request to the express path only when the whole body is in: a head
@@ -224,6 +227,7 @@ async def test_a_body_that_arrives_after_its_head_is_served_once_it_is_in(
     assert [x["status"] for x in await served.rows()] == [200, 200]
 
 
+@pytest.mark.pure  # counts tasks by patching HttpProtocol.run_task
 async def test_bodies_the_express_path_cannot_take_are_served_in_a_task(
         served: Served, upstream: Upstream) -> None:
     # A chunked body (its length unknown at the head; here past 64 KiB, so reading pauses until

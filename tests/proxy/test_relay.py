@@ -75,6 +75,7 @@ def test_blank_line_split_across_pieces_still_ends_the_event():
     assert s.rest() == b"data: 2"
 
 
+@pytest.mark.pure  # a FakeResponse where the compiled relay takes an UpstreamResponse
 async def test_crlf_events_stream_one_by_one_as_lf_events():
     """sse-starlette ends lines with CRLF: events must still go out as they complete."""
     ev = b'data: {"choices":[{"delta":{"content":"x"}}]}\r\n\r\n'
@@ -92,6 +93,7 @@ async def test_crlf_events_stream_one_by_one_as_lf_events():
     assert tap.done and tap.completion_tokens == 2
 
 
+@pytest.mark.pure  # a FakeResponse where the compiled relay takes an UpstreamResponse
 async def test_an_event_past_the_bound_ends_the_stream_with_an_error_event():
     chunks = [b"data: {\"choices\":[]}\n\n"] + [b"y" * 65536] * 40  # 2.5 MiB, no blank line
     resp = FakeResponse(chunks, max_event_bytes=1 * MiB)
@@ -209,6 +211,7 @@ async def test_a_status_the_gateway_cannot_relay_is_a_502_envelope(hostile, stat
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.pure  # a FakeResponse where the compiled relay takes an UpstreamResponse
 @pytest.mark.parametrize(("leave_after", "disconnected"), [(b"[DONE]", False), (b"tok1", True)])
 async def test_a_client_that_hangs_up_after_the_end_did_not_leave_early(
     leave_after: bytes, disconnected: bool

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
+import pytest
 from helpers import asgi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,9 @@ from hypothesis import strategies as st
 from fleetgate.proxy.client import ClientGone
 from fleetgate.proxy.relay import relay_stream
 from fleetgate.proxy.usage_tap import UsageTap
+
+# A FakeResponse where the compiled relay takes an UpstreamResponse: pure-Python build only.
+pytestmark = pytest.mark.pure
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
