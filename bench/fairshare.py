@@ -30,7 +30,6 @@ import asyncio
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,11 +37,11 @@ from typing import Any
 
 import aiohttp
 
-from bench.procs import Procs, wait_http
+from bench.procs import Procs, fleetgate_argv, wait_http
 from fleetgate.limits.fairshare import FairGate, Policy
 from fleetgate.localnet import free_port
 
-FLEETGATE = [sys.executable, "-c", "from fleetgate.cli.main import main; main()"]
+FLEETGATE = fleetgate_argv()
 
 
 async def _one(session: aiohttp.ClientSession, url: str, user: str, max_tokens: int) -> None:

@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen, paths, report, upstream, wrk
-from bench.procs import Proc, Procs, Sampler, raise_nofile, rss_bytes, wait_http
+from bench.procs import (
+    Proc,
+    Procs,
+    Sampler,
+    fleetgate_argv,
+    raise_nofile,
+    rss_bytes,
+    wait_http,
+)
 from fleetgate.localnet import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +152,8 @@ def machine() -> dict[str, Any]:
 
 def start_sim(procs: Procs, name: str, *args: str) -> str:
     port = free_port()
-    p = procs.start(name, [sys.executable, "-c", "from fleetgate.cli.main import main; main()",
-                           "sim", "--port", str(port), "--model", upstream.MODEL, *args])
+    p = procs.start(name, fleetgate_argv("sim", "--port", str(port), "--model", upstream.MODEL,
+                                         *args))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", 60, p)
     return url

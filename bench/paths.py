@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -41,7 +40,7 @@ from urllib.parse import urlparse
 import yaml
 
 from bench import upstream as upstream_mod
-from bench.procs import Proc, Procs, wait_http, wait_listening, wait_tcp
+from bench.procs import Proc, Procs, fleetgate_argv, wait_http, wait_listening, wait_tcp
 from bench.upstream import MODEL
 from fleetgate.localnet import free_port
 
@@ -175,8 +174,7 @@ def start_fleetgate(procs: Procs, config: Path, key: str | None, *, name: str = 
                     extra: list[str] | None = None, pure: bool = False) -> Running:
     """``fleetgate serve`` from :data:`tree` (this checkout as Python when ``pure``)."""
     port = free_port()
-    argv = [sys.executable, "-c", "from fleetgate.cli.main import main; main()",
-            "serve", "--config", str(config), "--port", str(port), *(extra or [])]
+    argv = fleetgate_argv("serve", "--config", str(config), "--port", str(port), *(extra or []))
     env = None if pure or tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     p = procs.start(name, argv, env)
     url = f"http://127.0.0.1:{port}"

@@ -13,6 +13,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -130,6 +131,17 @@ class Sampler:
         self.sample()
         self.wall_s = time.monotonic() - self.t0
         self.cpu_s = cpu_seconds(self.pid) - self.cpu0
+
+
+FLEETGATE_MAIN = "from fleetgate.cli.main import main; main()"
+
+
+def fleetgate_argv(*args: str) -> list[str]:
+    """``fleetgate ARGS`` as this interpreter runs it. ``-P``: the working directory is not put
+    first on ``sys.path``, so a ``PYTHONPATH`` tree (another revision, the compiled build) is
+    what gets imported even when the harness runs from this checkout's root; without it
+    ``python -c`` would import the checkout's source whatever ``PYTHONPATH`` says."""
+    return [sys.executable, "-P", "-c", FLEETGATE_MAIN, *args]
 
 
 class Proc:

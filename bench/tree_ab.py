@@ -45,7 +45,14 @@ from typing import Any
 import yaml
 
 from bench import loadgen, paths, upstream, wrk
-from bench.procs import Procs, Sampler, raise_nofile, wait_http, wait_listening
+from bench.procs import (
+    Procs,
+    Sampler,
+    fleetgate_argv,
+    raise_nofile,
+    wait_http,
+    wait_listening,
+)
 from fleetgate.localnet import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +73,7 @@ def drop_worktree(where: Path) -> None:
 def fleetgate_cli(tree: Path, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(
-        [sys.executable, "-c", "from fleetgate.cli.main import main; main()", *args],
+        fleetgate_argv(*args),
         env=env, check=True, capture_output=True, text=True, timeout=120,
     )
     return out.stdout
@@ -106,8 +113,8 @@ def with_redis(cfg: Path, url: str) -> None:
 def start(procs: Procs, tree: Path, cfg: Path, name: str, extra: list[str]) -> paths.Running:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    p = procs.start(name, [sys.executable, "-c", "from fleetgate.cli.main import main; main()",
-                           "serve", "--config", str(cfg), "--port", str(port), *extra], env=env)
+    p = procs.start(name, fleetgate_argv("serve", "--config", str(cfg), "--port", str(port), *extra),
+                    env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", 60, p)
     if "--workers" in extra:

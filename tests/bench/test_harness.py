@@ -400,3 +400,20 @@ def test_floor_path_proxies_with_its_key_only(fast_sim: str, tmp_path: Path) -> 
         run = paths.start("floor", procs, fast_sim, tmp_path)
         assert _post(run.url, run.key)[0] == 200
         assert _post(run.url, "wrong")[0] == 401
+
+
+def test_a_fleetgate_process_imports_the_tree_it_is_given_even_from_the_checkout(
+        tmp_path: Path) -> None:
+    # The FleetGate paths run another tree (the compiled build, or tree_ab's other revision)
+    # through PYTHONPATH, from a harness started in this checkout's root. `python -c` would put
+    # the working directory first and import the checkout instead: fleetgate_argv must not.
+    from bench.procs import fleetgate_argv
+
+    fake = tmp_path / "tree" / "fleetgate" / "cli"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "main.py").write_text("import sys\ndef main():\n    print(__file__, sys.argv[1:])\n")
+    out = subprocess.run(fleetgate_argv("serve", "--x"), cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "tree")}, timeout=30)
+    assert out.stdout.strip() == f"{fake / 'main.py'} ['serve', '--x']", out.stderr
