@@ -14,7 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import click
@@ -44,7 +44,24 @@ def is_loopback(host: str) -> bool:
 
 
 _WORKER_ENV = "FLEETGATE_WORKER"
-_WORKER_ARGV = [sys.executable, "-c", "from fleetgate.cli.serve import worker_main; worker_main()"]
+# Where this process imported FleetGate from (a site-packages, a checkout, the compiled build).
+_HOME = str(Path(__file__).resolve().parents[2])
+
+
+def self_python(code: str) -> list[str]:
+    """``python -c code`` that imports the same FleetGate as this process (with
+    :func:`self_env`), whatever its working directory holds: ``-P`` keeps the working directory
+    off ``sys.path``, where a checkout's ``fleetgate/`` would otherwise win."""
+    return [sys.executable, "-P", "-c", code]
+
+
+def self_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with this process's FleetGate first on the child's ``PYTHONPATH``."""
+    before = env.get("PYTHONPATH")
+    return {**env, "PYTHONPATH": _HOME + (os.pathsep + before if before else "")}
+
+
+_WORKER_ARGV = self_python("from fleetgate.cli.serve import worker_main; worker_main()")
 SERVERS = ("fleetgate", "uvicorn")
 
 
@@ -249,9 +266,9 @@ def run_server(
     # Hold the port (bound, not listening) while the workers run, so it can't be taken.
     hold = _bind(opts)
     _migrate_once(settings)
-    env = {**os.environ, _WORKER_ENV: json.dumps({
+    env = self_env({**os.environ, _WORKER_ENV: json.dumps({
         "config": str(Path(config_path).resolve()), "host": host, "port": port,
-        "access_log": access_log})}
+        "access_log": access_log})})
     try:
         code = supervise(_WORKER_ARGV, env, workers, settings.server.shutdown_grace_s)
     finally:
@@ -454,9 +471,7 @@ def demo(port: int, sim_port: int, state_dir: str) -> None:
     # and a crash or SIGKILL (the kernel's parent-death signal, set in the child).
     sim = subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            "from fleetgate.cli.main import main; main()",
+            *self_python("from fleetgate.cli.main import main; main()"),
             "sim",
             "--port",
             str(sim_port),
@@ -467,6 +482,7 @@ def demo(port: int, sim_port: int, state_dir: str) -> None:
             "--tokens-per-s",
             "40",
         ],
+        env=self_env(os.environ),
         start_new_session=True,
         preexec_fn=_die_with_parent(os.getpid()),
     )

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import FLEETGATE, create_key, free_port, sim, stop, wait_http
+
+import fleetgate
 
 
 def children(pid: int) -> list[int]:
@@ -58,10 +61,15 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str
 
 
 @contextlib.contextmanager
-def workers(cfg: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
+def workers(cfg: Path, cwd: Path | None = None,
+            ) -> Iterator[tuple[subprocess.Popen[bytes], int, list[int]]]:
     port = free_port()
-    p = subprocess.Popen([*FLEETGATE, "serve", "--config", str(cfg), "--port", str(port),
-                          "--workers", "2"], start_new_session=True)
+    argv, env = FLEETGATE, None
+    if cwd is not None:  # this FleetGate, started from another directory
+        argv = [sys.executable, "-P", *FLEETGATE[1:]]
+        env = {**os.environ, "PYTHONPATH": str(Path(fleetgate.__file__).resolve().parents[1])}
+    p = subprocess.Popen([*argv, "serve", "--config", str(cfg), "--port", str(port),
+                          "--workers", "2"], start_new_session=True, cwd=cwd, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", 60, p)
         assert until(lambda: len(children(p.pid)) == 2, 10)
@@ -89,6 +97,18 @@ def test_two_workers_serve_and_sigterm_to_the_parent_stops_them(config: tuple[Pa
         p.send_signal(signal.SIGTERM)  # the parent only, as a service manager would
         assert p.wait(timeout=20) == 0
         assert until(lambda: not any(alive(k) for k in kids), 10), "a worker outlived its parent"
+
+
+def test_workers_run_the_parents_fleetgate_whatever_the_working_directory_holds(
+        config: tuple[Path, str], tmp_path: Path) -> None:
+    # A directory with another `fleetgate/` in it (a checkout, while the installed or compiled
+    # build runs): `python -c` in the workers would import that one, not their parent's.
+    fake = tmp_path / "fleetgate"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('the wrong fleetgate was imported')\n")
+    cfg, key = config
+    with workers(cfg, cwd=tmp_path) as (_, port, _kids):
+        assert all(_chat(port, key) == 200 for _ in range(10))
 
 
 def test_a_worker_dying_stops_the_others_and_the_parent(config: tuple[Path, str]) -> None:
