@@ -4,7 +4,8 @@
 with mypyc, as black and mypy ship theirs; the Python source stays the source of truth and a
 module without its extension runs as Python. Unset, the install is pure Python::
 
-    FLEETGATE_USE_MYPYC=1 pip install --no-build-isolation .    # needs mypy and a C compiler
+    pip install mypy==2.4.1 wheel     # the build needs them, and a C compiler
+    FLEETGATE_USE_MYPYC=1 pip install --no-build-isolation .
     bash scripts/compiled.sh DIR                                # a compiled copy of this checkout
 
 See docs/server.md ("The compiled build") for what it changes and what it costs.
