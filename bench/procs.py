@@ -13,7 +13,6 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +20,8 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fleetgate.cli.serve import self_python
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -137,11 +138,12 @@ FLEETGATE_MAIN = "from fleetgate.cli.main import main; main()"
 
 
 def fleetgate_argv(*args: str) -> list[str]:
-    """``fleetgate ARGS`` as this interpreter runs it. ``-P``: the working directory is not put
+    """``fleetgate ARGS`` as this interpreter runs it, through the gateway's own
+    :func:`~fleetgate.cli.serve.self_python` (``python -P``): the working directory is not put
     first on ``sys.path``, so a ``PYTHONPATH`` tree (another revision, the compiled build) is
-    what gets imported even when the harness runs from this checkout's root; without it
-    ``python -c`` would import the checkout's source whatever ``PYTHONPATH`` says."""
-    return [sys.executable, "-P", "-c", FLEETGATE_MAIN, *args]
+    what gets imported even when the harness runs from this checkout's root. (Not its
+    ``self_env``: here the tree the caller names must win, not the harness's own FleetGate.)"""
+    return [*self_python(FLEETGATE_MAIN), *args]
 
 
 class Proc:
