@@ -28,6 +28,14 @@ COMPILED = [
     "fleetgate/proxy/relay.py",
     "fleetgate/proxy/usage_tap.py",
     "fleetgate/fleet/pool.py",
+    "fleetgate/auth/keys.py",
+    "fleetgate/auth/networks.py",
+    "fleetgate/auth/principals.py",
+    "fleetgate/auth/authn.py",
+    "fleetgate/dataplane/routes.py",
+    "fleetgate/dataplane/express.py",
+    "fleetgate/limits/buckets.py",
+    "fleetgate/api/asgi.py",
 ]
 
 if os.environ.get("FLEETGATE_USE_MYPYC") == "1":

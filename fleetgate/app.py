@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 
 from fleetgate.api.admin import AdminRoutes
-from fleetgate.api.asgi import Receive, Scope, Send, header, send_error, send_json
+from fleetgate.api.asgi import Receive, Scope, Send, send_error, send_json
 from fleetgate.api.callbacks import CallbackRoutes
-from fleetgate.api.exchange import NativeExchange
 from fleetgate.api.fleet import FleetRoutes
 from fleetgate.api.localguard import LoopbackGuard
 from fleetgate.api.openai import OpenAIRoutes
@@ -31,6 +30,7 @@ from fleetgate.auth.authn import Authenticator
 from fleetgate.auth.networks import parse_networks
 from fleetgate.config import Settings
 from fleetgate.dataplane.admission import Admitter
+from fleetgate.dataplane.express import ExpressDoor
 from fleetgate.dataplane.pipeline import Pipeline
 from fleetgate.dataplane.request import ENDPOINTS
 from fleetgate.dataplane.routes import RouteTable
@@ -98,6 +98,8 @@ class Gateway:
             if settings.auth.mode == "keys" and self.router.match("POST", e.path)[0].auth == "key"
         }
         self.express_paths = frozenset(self._express)
+        # FleetGate's own server offers those requests here first (see ExpressDoor).
+        self.express = ExpressDoor(self.authn, self.pipeline, self._express, self._answer_error).offer
         self.started = False
         self._error_log: dict[str, tuple[float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -202,20 +204,6 @@ class Gateway:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-
-    def express(self, c: NativeExchange) -> bool:
-        """FleetGate's own server offers each request to the OpenAI routes whose body is in
-        (``express_paths``) here first: with a cached key, the pipeline runs it without a task
-        (:meth:`Pipeline.express`). False: anything else, served by the router as usual."""
-        scope = c.scope
-        principal = self.authn.cached(header(scope, b"authorization"))
-        if principal is None or principal.networks.restricted:
-            return False
-        try:
-            self.pipeline.express(self._express[scope["path"]], principal, c)
-        except GatewayError as e:
-            c.resume(self._answer_error(scope, c.send, e))  # as the router's would be
-        return True
 
     async def guarded(self, scope: Scope, send: Send, work: Awaitable[None]) -> None:
         """Run a request's work (the router, or an express request's task) under the one error

@@ -39,6 +39,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import Engine
 
@@ -51,6 +52,20 @@ from fleetgate.limits.spec import Limits, Quota, Subject
 from fleetgate.store import repo
 
 log = logging.getLogger("fleetgate.auth")
+
+# The clocks this module reads (``time()`` for expiry, ``monotonic()`` for the store's health).
+# A module global, not ``time`` itself, so that tests can move them without moving the event
+# loop's clock, and in the compiled build too (an imported module is bound at compile time there;
+# a plain global is looked up when read; typed, so that mypy does not take it for an alias).
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+clock: Clock = time
 
 
 @dataclass(slots=True)
@@ -90,7 +105,7 @@ def readable(
     now: float, failing_since: float | None, poll_started: float | None, stale_after: float,
     hang_after: float,
 ) -> bool:
-    """Whether the key store counts as readable (pure; times are ``time.monotonic()``)."""
+    """Whether the key store counts as readable (pure; times are ``clock.monotonic()``)."""
     if failing_since is not None and now - failing_since > stale_after:
         return False
     return poll_started is None or now - poll_started <= hang_after
@@ -177,7 +192,7 @@ class Authenticator:
         if self.settings.mode != "keys":
             return True
         return readable(
-            time.monotonic(), self._failing_since, self._poll_started, self._stale_after,
+            clock.monotonic(), self._failing_since, self._poll_started, self._stale_after,
             self._hang_after,
         )
 
@@ -206,7 +221,7 @@ class Authenticator:
         token = header[7:].decode("latin-1")
         if not keys.well_formed(token) or not self.store_readable():
             return None
-        now = time.time()
+        now = clock.time()
         entry = self._cache.get(keys.digest(token))
         if entry is None or now - entry.cached_at > 2 * self.settings.cache_ttl_s:
             return None
@@ -220,7 +235,7 @@ class Authenticator:
         if not keys.well_formed(token):
             raise _invalid(token)
         d = keys.digest(token)
-        now = time.time()
+        now = clock.time()
         entry = self._cache.get(d)
         # The whole cache is reloaded every cache_ttl_s; an entry twice that old missed a reload.
         if entry is None or now - entry.cached_at > 2 * self.settings.cache_ttl_s:
@@ -275,13 +290,13 @@ class Authenticator:
         assert self.engine is not None
         started = repo.utcnow()
         records = await asyncio.to_thread(repo.active_grants, self.engine)
-        now = time.time()
+        now = clock.time()
         cache: dict[str, _Entry] = {}
         for g in records:
             cache.update(self._entries(g, now))
         self._cache = cache
         self._negative.clear()
-        self._loaded_at = time.monotonic()
+        self._loaded_at = clock.monotonic()
         # Changes after the query started are still seen by the next poll.
         self._poll_since = min(self._poll_since, started)
         return len(records)
@@ -365,7 +380,7 @@ class Authenticator:
             return
         failures = 0
         while True:
-            self._poll_started = time.monotonic()
+            self._poll_started = clock.monotonic()
             try:
                 if self._poll_started - self._loaded_at >= self.settings.cache_ttl_s:
                     await self.reload()

@@ -62,7 +62,7 @@ from fleetgate.limits.fairshare import FairGate, Slot, abandon
 from fleetgate.proxy.client import ClientGone, Upstream, UpstreamResponse
 from fleetgate.proxy.relay import finish_whole, relay_stream, relay_whole
 from fleetgate.proxy.usage_tap import UsageTap
-from fleetgate.store.repo import UsageEvent
+from fleetgate.store.repo import usage_event
 from fleetgate.store.usage_writer import UsageWriter
 
 log = logging.getLogger("fleetgate")
@@ -203,9 +203,9 @@ class Pipeline:
     ) -> None:
         first = tap.first_byte_at
         now = time.monotonic()
-        # Positional, in the table's column order: this runs once per request.
+        # All of it, in the table's column order: this runs once per request.
         self.usage.record(
-            UsageEvent(
+            usage_event((
                 principal.key_id,
                 route.name,
                 endpoint.name,
@@ -219,7 +219,7 @@ class Pipeline:
                 int((first - started) * 1000) if first is not None else None,
                 # A client that left before any answer (while queued, say) is a disconnect too.
                 tap.disconnected or (gone is not None and gone.gone and first is None),
-            )
+            ))
         )
 
     # -- the whole path -------------------------------------------------------------------------

@@ -40,17 +40,29 @@ EMBEDDINGS = Endpoint("/v1/embeddings", "embeddings", False)
 ENDPOINTS: tuple[Endpoint, ...] = (CHAT, COMPLETIONS, EMBEDDINGS)
 
 
-@dataclass(slots=True)
 class ParsedRequest:
-    model: str
-    stream: bool
-    include_usage: bool  # the client asked for streamed usage itself
-    continuous_usage: bool  # ... and for it on every chunk
-    max_tokens: int | None  # max_completion_tokens, else max_tokens, else None
-    n: int
-    size: int  # body bytes, for admission's prompt estimate
-    generates: bool  # produces completion tokens (not embeddings)
-    doc: dict[str, Any]
+    """What the gateway reads of a request body. Built once per request, so a plain class: its
+    ``__init__`` is compiled with the module, where a dataclass's is generated Python."""
+
+    __slots__ = ("model", "stream", "include_usage", "continuous_usage", "max_tokens", "n",
+                 "size", "generates", "doc")
+
+    def __init__(self, model: str, stream: bool, include_usage: bool, continuous_usage: bool,
+                 max_tokens: int | None, n: int, size: int, generates: bool,
+                 doc: dict[str, Any]) -> None:
+        self.model = model
+        self.stream = stream
+        self.include_usage = include_usage  # the client asked for streamed usage itself
+        self.continuous_usage = continuous_usage  # ... and for it on every chunk
+        self.max_tokens = max_tokens  # max_completion_tokens, else max_tokens, else None
+        self.n = n
+        self.size = size  # body bytes, for admission's prompt estimate
+        self.generates = generates  # produces completion tokens (not embeddings)
+        self.doc = doc
+
+    def __repr__(self) -> str:
+        return (f"ParsedRequest(model={self.model!r}, stream={self.stream}, "
+                f"max_tokens={self.max_tokens}, n={self.n}, size={self.size})")
 
 
 def lax_bool(value: object, name: str) -> bool:
@@ -124,11 +136,18 @@ def parse(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
     )
 
 
-@dataclass(slots=True)  # built per request: a frozen dataclass's __init__ costs 3x as much
 class UpstreamBody:
-    body: bytes
-    hide_usage_event: bool  # the gateway asked for the final usage event; the client didn't
-    strip_chunk_usage: bool  # the gateway asked for usage on every chunk; the client didn't
+    """The bytes to send upstream, and what the relay must hide of what the gateway added (a
+    plain class, as :class:`ParsedRequest`)."""
+
+    __slots__ = ("body", "hide_usage_event", "strip_chunk_usage")
+
+    def __init__(self, body: bytes, hide_usage_event: bool, strip_chunk_usage: bool) -> None:
+        self.body = body
+        # the gateway asked for the final usage event; the client didn't
+        self.hide_usage_event = hide_usage_event
+        # the gateway asked for usage on every chunk; the client didn't
+        self.strip_chunk_usage = strip_chunk_usage
 
 
 def upstream_body(

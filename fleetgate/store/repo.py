@@ -13,9 +13,10 @@ import datetime as dt
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     Connection,
@@ -640,6 +641,11 @@ class UsageEvent(NamedTuple):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+# A UsageEvent from one tuple of all its fields in column order: the request path builds one per
+# request, and this skips the Python ``__new__`` that NamedTuple generates (a C call instead).
+usage_event = cast(Callable[[tuple[Any, ...]], UsageEvent], partial(tuple.__new__, UsageEvent))
 
 
 def _from_epoch(t: float) -> dt.datetime:

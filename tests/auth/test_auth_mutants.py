@@ -55,7 +55,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr(authn, "time", SimpleNamespace(time=lambda: c.wall,
+    monkeypatch.setattr(authn, "clock", SimpleNamespace(time=lambda: c.wall,
                                                         monotonic=lambda: c.mono))
     return c
 

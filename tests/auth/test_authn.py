@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from fleetgate import config
+from fleetgate.auth import authn as authn_mod
 from fleetgate.auth import keys
 from fleetgate.auth.authn import Authenticator
 from fleetgate.errors import AuthError, StoreUnavailable
@@ -157,14 +158,14 @@ async def test_a_slow_poll_is_not_a_failure_but_a_hung_one_is(engine, monkeypatc
         auth(revocation_poll_s=0.05, store_stale_after_s=0.1, store_hang_after_s=1.0), engine
     )
     await a.authenticate(f"Bearer {k}".encode())
-    real_poll = a._poll
+    real_poll = repo.changed_since  # the poll's first store read, in its worker thread
     delay = {"s": 0.4}
 
     def slow(*args):
         _time.sleep(delay["s"])
         return real_poll(*args)
 
-    monkeypatch.setattr(a, "_poll", slow)
+    monkeypatch.setattr(repo, "changed_since", slow)
     task = asyncio.create_task(a.run_refresher())
     try:
         await asyncio.sleep(0.6)  # slower than stale_after, but succeeding: still readable
@@ -202,7 +203,6 @@ async def test_cached_finds_only_a_key_already_held_and_valid(engine, monkeypatc
     other = add_key(engine, name="other")
     assert a.cached(f"Bearer {other}".encode()) is None  # in the store, not in the cache
     # An entry past twice the cache's time to live missed its reloads: not trusted.
-    import fleetgate.auth.authn as authn_mod
 
     now = authn_mod.time.time()
     monkeypatch.setattr(authn_mod.time, "time", lambda: now + 2 * a.settings.cache_ttl_s + 1)
@@ -225,12 +225,13 @@ async def test_cached_refuses_an_expired_key_and_an_unreadable_store(engine, mon
         await a.authenticate(h)
     monkeypatch.setattr(entry, "expires_at", None)
     assert a.cached(h) is not None
-    monkeypatch.setattr(a, "store_readable", lambda: False)
+    # The store failing for longer than store_stale_after_s: unreadable.
+    monkeypatch.setattr(a, "_failing_since", authn_mod.clock.monotonic() - a._stale_after - 1)
+    assert not a.store_readable()
     assert a.cached(h) is None  # fails closed, as authenticate does (503)
 
 
 async def test_cached_at_the_exact_edges_of_expiry_and_staleness(engine, monkeypatch):
-    import fleetgate.auth.authn as authn_mod
 
     a, h, entry = await _warm(engine)
     at = entry.cached_at + 2 * a.settings.cache_ttl_s  # the last instant the entry is trusted

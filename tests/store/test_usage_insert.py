@@ -306,3 +306,14 @@ async def test_a_store_lost_while_writing_one_by_one_puts_back_only_the_rest(eng
     monkeypatch.setattr(repo, "insert_usage", real)
     assert await w.write_batch() == 3
     assert stored(engine) == [expected(ev) for ev in evs]  # each once, in order
+
+
+def test_usage_event_from_one_tuple_is_the_named_tuple():
+    """The request path builds its record with ``repo.usage_event`` (a C call, not NamedTuple's
+    Python ``__new__``): the same record, with every field where its name says."""
+    fields = (7, "m", "chat.completions", 200, True, 11, 13, 17, BASE, 19, 23, True)
+    built = repo.usage_event(fields)
+    assert type(built) is repo.UsageEvent
+    assert built == repo.UsageEvent(*fields)
+    assert (built.key_id, built.user_id, built.ttft_ms, built.disconnected) == (7, 19, 23, True)
+    assert built.total_tokens == 24
