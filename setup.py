@@ -36,6 +36,7 @@ COMPILED = [
     "fleetgate/dataplane/express.py",
     "fleetgate/limits/buckets.py",
     "fleetgate/api/asgi.py",
+    "fleetgate/store/usage_rows.py",
 ]
 
 if os.environ.get("FLEETGATE_USE_MYPYC") == "1":

@@ -73,5 +73,6 @@ cd "$COMPILED_DIR/src"
 PYTHONPATH="$COMPILED_DIR/src" FLEETGATE_EXPECT_COMPILED=1 \
     "$PY" -m pytest -p no:cacheprovider -q -rs -m "not pure" tests/test_compiled.py \
     tests/server tests/dataplane tests/proxy tests/limits tests/fleet tests/api tests/auth \
+    tests/store/test_usage_insert.py tests/store/test_usage_rows.py \
     tests/test_openai_client.py tests/test_limits_e2e.py tests/test_limits_multi.py \
     tests/test_usage_durability.py tests/test_error_envelope.py tests/test_identity_e2e.py

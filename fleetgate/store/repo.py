@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from fleetgate.store import usage_rows
 from fleetgate.store.tables import api_keys, audit_log, groups, usage_events, user_groups, users
 
 Bind = Engine | Connection
@@ -648,30 +648,8 @@ class UsageEvent(NamedTuple):
 usage_event = cast(Callable[[tuple[Any, ...]], UsageEvent], partial(tuple.__new__, UsageEvent))
 
 
-def _from_epoch(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, dt.UTC).replace(tzinfo=None)
-
-
 _USAGE_COLUMNS = UsageEvent._fields
 _CREATED = _USAGE_COLUMNS.index("created_at")
-
-
-class _SqliteTime:
-    """Epoch seconds as SQLite's DATETIME text (``YYYY-MM-DD HH:MM:SS.ffffff``, what SQLAlchemy
-    writes and compares against), formatting each whole second once."""
-
-    __slots__ = ("second", "prefix")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-
-    def __call__(self, t: float) -> str:
-        s = int(t)
-        if s != self.second:
-            self.second = s
-            self.prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s))
-        return f"{self.prefix}.{int((t - s) * 1_000_000):06d}"
 
 
 def _bind_processors(engine: Engine) -> dict[int, Any]:
@@ -688,7 +666,6 @@ def _bind_processors(engine: Engine) -> dict[int, Any]:
 
 _USAGE_INSERT = f"INSERT INTO usage_events ({', '.join(_USAGE_COLUMNS)}) VALUES "
 _NCOLS = len(_USAGE_COLUMNS)
-_CREATED_FROM_END = _NCOLS - _CREATED  # created_at's place in a flat row, counted from its end
 
 # SQLite: rows per statement at most. Measured (docs/benchmarks.md, "Usage accounting"): 512-row
 # statements cost less a row than 50-row ones and than 2,520-row ones (near what this build's
@@ -809,24 +786,10 @@ def insert_usage(engine: Engine, events: Iterable[UsageEvent]) -> int:
     """
     procs = _bind_processors(engine)
     sqlite = engine.dialect.name == "sqlite"
-    stamp = _SqliteTime()
     created = procs.get(_CREATED)
     # SQLite takes bools and ints as they are; only the time needs SQLite's own text.
     others = [] if sqlite else [(i, p) for i, p in procs.items() if i != _CREATED]
-    flat: list[Any] = []
-    add = flat.extend
-    for e in events:
-        t = e.created_at
-        if isinstance(t, float):
-            v: Any = stamp(t) if sqlite else _from_epoch(t)
-        else:
-            v = created(t) if created is not None else t
-        add(e)
-        flat[-_CREATED_FROM_END] = v
-        if others:
-            base = len(flat) - _NCOLS
-            for i, p in others:
-                flat[base + i] = p(flat[base + i])
+    flat = usage_rows.flatten(events, _CREATED, sqlite, created, others)
     if not flat:
         return 0
     # COPY runs on the driver's own cursor, so its errors reach here unwrapped.
