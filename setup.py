@@ -35,6 +35,9 @@ COMPILED = [
     "fleetgate/dataplane/routes.py",
     "fleetgate/dataplane/express.py",
     "fleetgate/limits/buckets.py",
+    "fleetgate/limits/redis_backend.py",
+    "fleetgate/limits/resp.py",
+    "fleetgate/limits/quotas.py",
     "fleetgate/api/asgi.py",
     "fleetgate/store/usage_rows.py",
 ]

@@ -39,13 +39,13 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
 
 from sqlalchemy import Engine
 
 from fleetgate.auth import access, keys
 from fleetgate.auth.networks import NetworkPolicy
 from fleetgate.auth.principals import ANONYMOUS, Principal, SubjectLimits, SubjectQuotas
+from fleetgate.clock import Clock
 from fleetgate.config import AuthSettings
 from fleetgate.errors import AuthError, StoreUnavailable
 from fleetgate.limits.spec import Limits, Quota, Subject
@@ -53,18 +53,8 @@ from fleetgate.store import repo
 
 log = logging.getLogger("fleetgate.auth")
 
-# The clocks this module reads (``time()`` for expiry, ``monotonic()`` for the store's health).
-# A module global, not ``time`` itself, so that tests can move them without moving the event
-# loop's clock, and in the compiled build too (an imported module is bound at compile time there;
-# a plain global is looked up when read; typed, so that mypy does not take it for an alias).
-
-
-class Clock(Protocol):
-    def time(self) -> float: ...
-
-    def monotonic(self) -> float: ...
-
-
+# The clocks this module reads (``time()`` for expiry, ``monotonic()`` for the store's health);
+# tests move them (see fleetgate/clock.py).
 clock: Clock = time
 
 

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any
 
+from fleetgate.clock import Clock
 from fleetgate.errors import LimitsUnavailable
 from fleetgate.limits import quotas
 from fleetgate.limits.backend import NO_LIMITS, Backend, Failure, Grant, Outcome, refusal
@@ -43,6 +44,9 @@ from fleetgate.limits.resp import Resp, RespError, bulk, encode
 from fleetgate.limits.spec import Checks, Quota, Subject
 
 log = logging.getLogger("fleetgate.limits")
+
+# The clocks this module reads; tests move them (see fleetgate/clock.py).
+clock: Clock = time
 
 _QUOTA_GRACE_S = 2 * 86400
 _PLAN_LIMIT = 50_000  # compiled checks kept; past it the cache starts again
@@ -287,7 +291,7 @@ class RedisBackend(Backend):
                 self._wake.set()
 
     def _loud(self, kind: str, message: str) -> None:
-        now = time.monotonic()
+        now = clock.monotonic()
         last, since = self._logged.get(kind, (-math.inf, 0))
         if now - last >= self.log_every_s:
             extra = f" ({since} more like it since the last report)" if since else ""
@@ -303,7 +307,7 @@ class RedisBackend(Backend):
 
     async def _admit_async(self, checks: Checks, cost: int) -> Grant:
         client = self._connect()  # (registers the scripts a plan's commands name)
-        wall = time.time()
+        wall = clock.time()
         plan = self._plans.get(id(checks))
         if plan is None or not plan.current(checks, wall):
             if len(self._plans) >= _PLAN_LIMIT:
@@ -355,7 +359,7 @@ class RedisBackend(Backend):
     # -- reading, for reports and tests ---------------------------------------------------------
 
     async def quota_used(self, subject: Subject, quota: Quota) -> int:
-        key = f"{self.prefix}q:{_sid(subject)}:{quotas.period_key(time.time(), quota.period)}"
+        key = f"{self.prefix}q:{_sid(subject)}:{quotas.period_key(clock.time(), quota.period)}"
         v = await self._connect().call("GET", key)
         return int(v or 0)
 

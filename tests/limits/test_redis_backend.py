@@ -250,7 +250,7 @@ async def test_a_day_quota_rolls_over_at_midnight_with_the_same_checks(
         def time() -> float:
             return now[0]
 
-    monkeypatch.setattr(redis_backend, "time", Clock)
+    monkeypatch.setattr(redis_backend, "clock", Clock)
     q = Quota(1000, "day")
     checks = Checks.of([(ALICE, Limits(tpm=10_000))], [(ALICE, q)])
     b = RedisBackend(url=redis_srv.url, prefix=prefix())
