@@ -46,6 +46,7 @@ case "${MUTANTS_SET:-auth}" in
             fleetgate/auth/principals.py fleetgate/services/authz.py fleetgate/services/users.py
             fleetgate/services/groups.py fleetgate/services/keys.py fleetgate/services/audit.py
             fleetgate/services/validation.py fleetgate/dataplane/request.py
+            fleetgate/dataplane/express.py
             fleetgate/api/routing.py fleetgate/errors.py)
     tests=(tests/auth tests/services tests/dataplane tests/api/test_routing.py
            tests/api/test_routing_mutants.py tests/test_error_envelope.py)

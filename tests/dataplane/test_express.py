@@ -357,3 +357,53 @@ async def test_a_graceful_stop_finishes_the_requests_in_flight(
     # The server stopped and the store was flushed on the way out: both are accounted.
     with app.engine.connect() as c:
         assert [row.status for row in c.execute(select(usage_events.c.status))] == [200, 200]
+
+
+async def test_a_key_fenced_to_other_networks_is_refused_cached_or_not(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """A key with an allow-list is never the express path's: the express door declines it, and
+    the router checks the client's address, on every request, the key cached or not."""
+    from fleetgate.services import Context
+    from fleetgate.services.keys import create_key
+
+    app = create_app(settings_for(tmp_path, upstream.url))
+    async with running(app) as srv, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{srv.port}", timeout=10) as client:
+        ctx = Context(app.engine, app.settings)
+        far, _ = create_key(ctx, name="far", allow_ips=["10.0.0.0/8"])
+        near, _ = create_key(ctx, name="near", allow_ips=["127.0.0.1/32"])
+        await app.authn.reload()
+        assert app.authn.cached(f"Bearer {far}".encode()) is not None  # in the cache
+        for _ in range(3):
+            r = await client.post("/v1/chat/completions", json=CHAT,
+                                  headers={"Authorization": f"Bearer {far}"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "ip_not_allowed", r.text
+        for _ in range(2):
+            r = await client.post("/v1/chat/completions", json=CHAT,
+                                  headers={"Authorization": f"Bearer {near}"})
+            assert r.status_code == 200 and r.content == PUBLIC
+    assert upstream.requests == 2  # the refused key's requests never went upstream
+
+
+async def test_an_express_refusal_is_the_api_envelope_with_the_portal_on(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """With the portal on, the one error handler answers browsers' pages under ``/portal`` with
+    an HTML page and everything else with the JSON envelope: a request the express path refuses
+    is answered by it as the router's would be, with the request's own path."""
+    app = create_app(settings_for(tmp_path, upstream.url, portal={
+        "enabled": True, "public_url": "http://llm.example.org"}))
+    async with running(app) as srv, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{srv.port}", timeout=10) as client:
+        key = GW(app, client).key("k")
+        await app.authn.reload()
+        assert app.authn.cached(f"Bearer {key}".encode()) is not None  # the express path's
+        for body in ({**CHAT, "model": "nope"}, {**CHAT, "max_tokens": -1}):
+            r = await client.post("/v1/chat/completions", json=body,
+                                  headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code in (400, 404), r.text
+            assert r.headers["content-type"].startswith("application/json")
+            assert r.json()["error"]["type"] in ("invalid_request_error", "not_found_error")
+        r = await client.post("/v1/chat/completions", json=CHAT,
+                              headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.content == PUBLIC
+    assert upstream.requests == 1
