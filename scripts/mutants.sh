@@ -73,8 +73,10 @@ case "${MUTANTS_SET:-auth}" in
   accounting)
     # Reading token usage off the responses as they pass (what every request is charged),
     # against the usage tap's and the relay's in-process tests.
-    mutate=(fleetgate/proxy/usage_tap.py)
-    tests=(tests/proxy/test_usage_tap.py tests/proxy/test_relay.py tests/proxy/test_relay_fuzz.py)
+    # And the usage writer's flattening of those records for the store.
+    mutate=(fleetgate/proxy/usage_tap.py fleetgate/store/usage_rows.py)
+    tests=(tests/proxy/test_usage_tap.py tests/proxy/test_relay.py tests/proxy/test_relay_fuzz.py
+           tests/store/test_usage_rows.py tests/store/test_usage_insert.py)
     select=() ;;
   upstream)
     # The client of the model servers: framing and bounds of what an upstream answers (odd

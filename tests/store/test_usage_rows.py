@@ -72,3 +72,21 @@ def test_flatten_for_another_store_gives_datetimes_and_runs_each_converter():
     assert (flat[1], flat[n + 1]) == ("M4", "M5")
     assert (flat[4], flat[n + 4]) == (0, 1)
     assert flatten([], repo._CREATED, True, None, []) == []
+
+
+def test_epoch_seconds_are_read_as_utc_whatever_the_local_zone(monkeypatch):
+    """The store holds naive UTC times: a gateway whose machine runs in another zone (a POSIX
+    TZ string, five hours behind, so no zone files are needed) must store the same text."""
+    import time
+
+    monkeypatch.setenv("TZ", "XYZ+5")
+    time.tzset()
+    try:
+        assert time.localtime(BASE).tm_hour != time.gmtime(BASE).tm_hour  # the zone took effect
+        assert from_epoch(BASE + 0.5) == dt.datetime(2026, 11, 18, 11, 6, 40, 500_000)
+        assert SqliteTime()(BASE + 0.5) == "2026-11-18 11:06:40.500000"
+        flat = flatten([_event(1, BASE + 0.5)], repo._CREATED, False, None, [])
+        assert flat[repo._CREATED] == dt.datetime(2026, 11, 18, 11, 6, 40, 500_000)
+    finally:
+        monkeypatch.undo()  # the zone this process had, then read again
+        time.tzset()
